@@ -1,0 +1,55 @@
+"""`dsv3 <verb>`: thin dispatch. Each verb's argparse block sits next to the code it drives."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _config(target: str):
+    from dsv3.config import PRESETS, ModelConfig, preset
+    if target in PRESETS:
+        return preset(target)
+    if Path(target).exists():
+        return ModelConfig.from_json(target)
+    raise SystemExit(f"dsv3: {target!r} is neither a checkpoint directory / config.json nor a preset "
+                     f"({', '.join(sorted(PRESETS))})")
+
+
+def cmd_info(args) -> None:
+    from dsv3.info import report
+    print(report(_config(args.target), args.seq_len, args.json))
+
+
+def cmd_convert(args) -> None:
+    from dsv3.io.convert import convert
+    out = convert(args.src, args.dst, args.to, ue8m0=args.ue8m0, max_shard_bytes=int(args.shard_gb * 2**30))
+    print(f"wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    info = sub.add_parser("info", help="parameters, activated parameters, KV-cache bytes and FLOPs of a model")
+    info.add_argument("target", help="a preset name or a checkpoint directory / config.json")
+    info.add_argument("--seq-len", type=int, default=4096, help="context length (tokens) for the FLOP count")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(fn=cmd_info)
+
+    conv = sub.add_parser("convert", help="FP8 (128×128 block-scaled) <-> bf16 checkpoint conversion")
+    conv.add_argument("src", help="checkpoint directory (Hugging Face layout)")
+    conv.add_argument("dst", help="output directory (written atomically)")
+    conv.add_argument("--to", choices=("bf16", "fp8"), required=True, help="target weight format")
+    conv.add_argument("--ue8m0", action="store_true", help="round FP8 scales up to powers of two (V3.1 format)")
+    conv.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GiB")
+    conv.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"dsv3 {args.verb}: {e}")

@@ -1,0 +1,1 @@
+"""One file per op: a torch reference, a fast path where the hardware has one, and one public function."""

@@ -1,0 +1,99 @@
+"""Multi-head Latent Attention (SPEC §4): low-rank q, joint kv compression, a decoupled RoPE key shared by heads.
+
+Two paths, side by side as in the paper:
+  - expanded (training, full sequences): up-project c_kv to per-head K/V and call scaled_dot_product_attention;
+  - absorbed (with a PagedKV cache): attend over the cached latent directly, W_UK folded into the query and
+    W_UV applied after attention, so K/V are never expanded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.cache import PagedKV
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import apply_rope, softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # index of this layer's pool in a PagedKV
+        self.n_heads, self.interleave = cfg.num_attention_heads, cfg.rope_interleave
+        self.dn, self.dr, self.dv, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        self.scale = softmax_scale(cfg)
+        H, D, bias = self.n_heads, cfg.hidden_size, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * (self.dn + self.dr), bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (self.dn + self.dr), bias=False)
+        # One projection makes both the kv latent (first C rows) and the shared rope key (last Dr rows).
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.c + self.dr, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.c, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.c, H * (self.dn + self.dv), bias=False)  # head-major [W_UK_h; W_UV_h]
+        self.o_proj = nn.Linear(H * self.dv, D, bias=bias)
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.unflatten(-1, (self.n_heads, self.dn + self.dr))  # (..., H, Dn+Dr)
+
+    def _latent(self, x, cos, sin):
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.c, self.dr), dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)  # (..., C), (..., Dr)
+
+    def forward(self, x, cos, sin, mask=None, cache: PagedKV | None = None):
+        """x (B, T, D) with cos/sin (B, T, Dr/2); or, with a cache, x (T, D) flattened with cos/sin (T, Dr/2).
+
+        mask: None for plain causal attention, or a bool (B, 1, T, T) mask (True = attend) for packed documents.
+        """
+        q_nope, q_pe = self._q(x).split((self.dn, self.dr), dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)  # broadcast over H
+        c_kv, k_pe = self._latent(x, cos, sin)
+        if cache is None:
+            o = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            cache.write(self.layer_idx, c_kv, k_pe)
+            o = self._absorbed(q_nope, q_pe, cache)
+        return self.o_proj(o.flatten(-2))
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, T, H, _ = q_nope.shape
+        k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (H, self.dn + self.dv)).split((self.dn, self.dv), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.dr)), dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # (B, H, T, Dv)
+        if q.is_cuda and self.dv < q.shape[-1]:
+            # Flash attention wants equal q/k/v head dims: pad V and drop the padding after.
+            o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - self.dv)), attn_mask=mask,
+                                               is_causal=mask is None, scale=self.scale)[..., : self.dv]
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return o.transpose(1, 2)  # (B, T, H, Dv)
+
+    def _absorbed(self, q_nope, q_pe, cache: PagedKV):
+        H = self.n_heads
+        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.c)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]  # (H, Dn, C), (H, Dv, C)
+        q_c = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # W_UK absorbed into the query: (T, H, C)
+        out = q_c.new_empty(q_c.shape)
+        # NOTE: a reference loop over sequences; the inference engine replaces it with a paged kernel.
+        for b, (s0, s1) in enumerate(zip(cache.query_start, cache.query_start[1:])):
+            if s0 == s1:
+                continue
+            lat = cache.gather(self.layer_idx, b).to(q_c.dtype)  # (S, C+Dr)
+            c_kv, k_pe = lat[:, : self.c], lat[:, self.c:]
+            scores = (torch.einsum("thc,sc->hts", q_c[s0:s1], c_kv)
+                      + torch.einsum("thr,sr->hts", q_pe[s0:s1], k_pe)) * self.scale  # (H, Tb, S)
+            S, Tb = c_kv.shape[0], s1 - s0
+            # New token i sits at cache position S - Tb + i and sees keys up to there.
+            causal = torch.arange(S, device=lat.device) <= torch.arange(S - Tb, S, device=lat.device)[:, None]
+            p = scores.float().masked_fill(~causal, float("-inf")).softmax(-1).to(q_c.dtype)
+            out[s0:s1] = torch.einsum("hts,sc->thc", p, c_kv)
+        return torch.einsum("thc,hvc->thv", out, w_uv)  # W_UV after attention: (T, H, Dv)

@@ -1,0 +1,151 @@
+"""DeepSeekMoE (SPEC §6, §9): fine-grained routed experts + shared experts, every gate variant.
+
+Routed experts run as one grouped GEMM over the N·K (token, expert) rows sorted by expert: no loop over
+experts, no capacity factor, no token dropping. The sequence-wise balance loss (§9.2) enters through autograd
+right here (`_AttachLoss`), so it reaches the router even when layers run in pipeline stages that pass only
+hidden states between them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.kernels.grouped_mm import grouped_mm
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: affinities in fp32, group-limited top-k selection, weights from the unbiased scores."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.method, self.scoring, self.norm = cfg.topk_method, cfg.scoring_func, cfg.norm_topk_prob
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            # Aux-loss-free balancing bias (§9.1): selection only, never trained by gradients, kept in fp32.
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor):
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        scores_NE = logits_NE.sigmoid() if self.scoring == "sigmoid" else logits_NE.softmax(-1)
+        choice_NE = scores_NE.detach()
+        if self.method == "noaux_tc":
+            choice_NE = choice_NE + self.e_score_correction_bias
+        if self.method != "greedy" and self.n_group > 1:
+            choice_NGe = choice_NE.unflatten(-1, (self.n_group, -1))
+            # noaux_tc scores a group (a node) by its top-2 sum; V2's group_limited_greedy by its max.
+            group_NG = (choice_NGe.topk(2, dim=-1).values.sum(-1) if self.method == "noaux_tc"
+                        else choice_NGe.amax(-1))
+            keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
+            keep_NG.scatter_(1, group_NG.topk(self.topk_group, dim=-1).indices, True)
+            choice_NE = choice_NGe.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).flatten(1)
+        idx_NK = choice_NE.topk(self.top_k, dim=-1).indices
+        w_NK = scores_NE.gather(1, idx_NK)
+        if self.norm:
+            w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
+        return w_NK * self.scale, idx_NK, scores_NE
+
+
+class Experts(nn.Module):
+    """All routed experts of a layer as stacked weights (transformers 5 in-memory layout)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))  # rows [0, F) gate, [F, 2F) up
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def forward(self, x_ND, w_NK, idx_NK):
+        N, K = idx_NK.shape
+        E = self.gate_up_proj.shape[0]
+        flat = idx_NK.flatten()  # (N·K,)
+        order = flat.argsort(stable=True)  # rows sorted by expert; stable keeps it deterministic
+        counts_E = torch.bincount(flat, minlength=E)
+        offs = counts_E.cumsum(0).to(torch.int32)
+        x_sorted = x_ND[order // K]  # (N·K, D)
+        gate, up = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # (N·K, D)
+        y_NKD = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(N, K, -1)
+        # Weighted sum over each token's K experts as a tiny batched GEMM (fp32 accumulation, deterministic).
+        out_ND = torch.bmm(w_NK.unsqueeze(1).to(y_NKD.dtype), y_NKD).squeeze(1)
+        return out_ND, counts_E
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
+    """Σ_i f_i·P_i per sequence, averaged over the batch (SPEC §9.2, without α).
+
+    f counts the experts actually selected (bias included): the paper writes Topk over s, implementations use
+    the routing decision; we use the decision, which is what the bias steers.
+    """
+    B, T, E = scores_BTE.shape
+    K = idx_BTK.shape[-1]
+    P_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+    hits_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+        1, idx_BTK.reshape(B, T * K), torch.ones(B, T * K, device=scores_BTE.device))
+    f_BE = hits_BE * (E / (K * T))
+    return (f_BE * P_BE).sum(-1).mean()
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on `out` whose backward also sends gradient 1 into `loss`: the loss joins the objective."""
+
+    @staticmethod
+    def forward(ctx, out, loss):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), device=grad.device, dtype=torch.float32)
+
+
+@dataclass
+class RouterStats:
+    """Filled by every MoE layer during a forward: tokens per expert and the balance loss value (detached)."""
+    counts: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: (E,) int64
+    balance_loss: list[torch.Tensor] = field(default_factory=list)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+                               if cfg.n_shared_experts else None)
+        # Coefficient of the sequence-wise balance loss; 0 disables it. Training sets α / grad-accumulation.
+        self.balance_coef = 0.0
+
+    def forward(self, x: torch.Tensor, stats: RouterStats | None = None) -> torch.Tensor:
+        x_ND = x.reshape(-1, x.shape[-1])
+        w_NK, idx_NK, scores_NE = self.gate(x_ND)
+        y_ND, counts_E = self.experts(x_ND, w_NK, idx_NK)
+        y = y_ND.view_as(x)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        bal = None
+        if self.balance_coef and x.dim() == 3 and torch.is_grad_enabled():
+            bal = sequence_balance_loss(scores_NE.view(*x.shape[:2], -1), idx_NK.view(*x.shape[:2], -1))
+            y = _AttachLoss.apply(y, bal * self.balance_coef)
+        if stats is not None:
+            stats.counts.append(counts_E)
+            if bal is not None:
+                stats.balance_loss.append(bal.detach())
+        return y

@@ -1,0 +1,159 @@
+"""The decoder: embedding → L blocks (MLA + dense FFN or MoE) → final norm → untied head, plus D MTP modules.
+
+Parameter names equal the Hugging Face checkpoint names below `model.` (`layers.3.self_attn.kv_b_proj.weight`),
+so the name table in `dsv3/io/hf.py` stays small: it adds the prefix, splits the stacked experts into
+per-expert tensors and maps `mtp.k.*` to `model.layers.{L+k}.*` (SPEC §3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.cache import PagedKV
+from dsv3.model.mla import MLA
+from dsv3.model.moe import MLP, MoE, RouterStats
+from dsv3.model.norm import RMSNorm
+from dsv3.model import rope
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, stats=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, stats) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class SharedHead(nn.Module):
+    """MTP's own final norm; the head matrix itself is the main model's lm_head (SPEC §8.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(Block):
+    """MTP module k (SPEC §8): h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a MoE block."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Input order [embedding ; hidden], as the released checkpoint, transformers, vLLM and SGLang use it
+        # (the paper writes the reverse).
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev, emb, cos, sin, mask=None, cache=None, stats=None):
+        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
+        return super().forward(x, cos, sin, mask, cache, stats)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V), or (rows, V) with a cache
+    hidden: torch.Tensor  # final-normed hidden states, the input of MTP depth 1
+    mtp_logits: list[torch.Tensor]  # depth k: (B, T-k, V), predicting token i+k+1 at position i
+    expert_counts: torch.Tensor | None  # (MoE layers incl. MTP, E) tokens routed to each expert
+    balance_loss: torch.Tensor | None  # Σ over layers of the sequence-wise balance loss (without α), detached
+
+
+def document_positions_and_mask(doc_ids: torch.Tensor):
+    """Packed sequences: positions restart per document; attention stays causal within a document.
+
+    doc_ids (B, T) of non-decreasing document numbers -> positions (B, T), bool mask (B, 1, T, T).
+    """
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.cat((torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device),
+                        doc_ids[:, 1:] != doc_ids[:, :-1]), dim=1)
+    start_t = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return t - start_t, (same_doc & causal).unsqueeze(1)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        L = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
+        self.register_buffer("rope_inv_freq", rope.inv_freq(cfg), persistent=False)
+        self.rope_factor = rope.attention_factor(cfg)
+
+    # ---- initialisation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
+        """N(0, std) for every matrix and embedding (V3: 0.006), ones for norms, zeros for balance biases."""
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        self.rope_inv_freq = rope.inv_freq(self.config).to(self.embed_tokens.weight.device)
+        for m in self.modules():
+            if hasattr(m, "e_score_correction_bias") and m.e_score_correction_bias.is_meta:
+                m.e_score_correction_bias = torch.zeros_like(m.e_score_correction_bias, device=self.rope_inv_freq.device)
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, cache: PagedKV | None = None,
+                mtp: bool = False) -> ModelOutput:
+        """Training / full-sequence: input_ids (B, T), optional doc_ids (B, T) for packed documents.
+
+        With a cache: input_ids (T,) flattened over sequences, positions (T,) required; logits only for
+        `cache.logits_indices` rows when given.
+        """
+        stats = RouterStats()
+        mask = None
+        if cache is not None:
+            if positions is None:
+                raise ValueError("positions are required with a cache")
+            if mtp:
+                raise ValueError("MTP with a cache runs through the inference engine, not forward(mtp=True)")
+        elif doc_ids is not None:
+            positions, mask = document_positions_and_mask(doc_ids)
+        elif positions is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = rope.cos_sin(positions, self.rope_inv_freq, self.rope_factor)
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, stats)
+        h = self.norm(h)
+        out_h = h if cache is None or cache.logits_indices is None else h[cache.logits_indices]
+        mtp_logits = self._mtp(input_ids, h, cos, sin, mask, stats) if mtp else []
+        counts = torch.stack(stats.counts) if stats.counts else None
+        bal = torch.stack(stats.balance_loss).sum() if stats.balance_loss else None
+        return ModelOutput(self.lm_head(out_h), h, mtp_logits, counts, bal)
+
+    def _mtp(self, input_ids, h, cos, sin, mask, stats):
+        logits = []
+        T = input_ids.shape[1]
+        for k, layer in enumerate(self.mtp, start=1):
+            n = T - k  # depth k predicts token i+k+1 from h^{k-1}_i and token i+k, for i < T-k
+            m = None if mask is None else mask[:, :, :n, :n]
+            h = layer(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:, :n], sin[:, :n], m, None, stats)
+            logits.append(self.lm_head(layer.shared_head.norm(h)))
+        return logits
