@@ -92,8 +92,9 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, t
     for k in range(cfg.num_nextn_predict_layers):
         n = cfg.num_hidden_layers + k
-        yield f"model.layers.{n}.embed_tokens.weight", sd.get("embed_tokens.weight", model.embed_tokens.weight)
-        yield f"model.layers.{n}.shared_head.head.weight", model.lm_head.weight.detach()
+        # Copies (safetensors refuses two names on one storage); the official checkpoint stores them too.
+        yield f"model.layers.{n}.embed_tokens.weight", model.embed_tokens.weight.detach().clone()
+        yield f"model.layers.{n}.shared_head.head.weight", model.lm_head.weight.detach().clone()
 
 
 # ---- loading -----------------------------------------------------------------------------------------------
@@ -104,6 +105,9 @@ def _weight_map(path: Path) -> dict[str, Path]:
             wm = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        for f in sorted(set(wm.values())):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path / f}: checkpoint shard listed in {index.name} is missing")
         return {name: path / f for name, f in wm.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -116,8 +120,6 @@ def _weight_map(path: Path) -> dict[str, Path]:
 
 
 def _open(f: Path):
-    if not f.is_file():
-        raise FileNotFoundError(f"{f}: checkpoint shard listed in the index is missing")
     try:
         return safe_open(str(f), framework="pt")
     except (SafetensorError, OSError) as e:
@@ -159,12 +161,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             if target is None:
                 continue
             key, where = target
-            if key not in params:
-                if "shared_experts" in name and not cfg.n_shared_experts:
-                    continue  # transformers writes zero-size shared experts when n_shared_experts is 0
-                unexpected.append(name)
-                continue
             t = _read(handles, f, name)
+            if key not in params:
+                # transformers writes zero-size shared experts when n_shared_experts is 0: ignore only those.
+                if not ("shared_experts" in name and t.numel() == 0 and not cfg.n_shared_experts):
+                    unexpected.append(name)
+                continue
             if t.dtype == fp8.FP8:
                 scale_name = name + "_scale_inv"
                 if scale_name not in wm:
@@ -173,6 +175,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             dst = params[key].data if where is None else params[key].data[where]
             if tuple(t.shape) != tuple(dst.shape):
                 mis_shaped.append(f"{name}: checkpoint {tuple(t.shape)}, model {tuple(dst.shape)}")
+                filled[key] = params[key].numel()  # reported as mis-shaped, not also as missing
                 continue
             dst.copy_(t)
             filled[key] = filled.get(key, 0) + t.numel()

@@ -1,0 +1,187 @@
+"""Model behaviour beyond the transformers parity: MTP, the paged-latent-cache path, document packing, the
+balance loss's autograd entry, grouped GEMM."""
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
+
+import dsv3
+from conftest import rel_err, small_v3
+from dsv3.kernels.grouped_mm import grouped_mm, grouped_mm_reference
+from dsv3.model import PagedKV
+from dsv3.model.moe import MoE, sequence_balance_loss
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = dsv3.Transformer(cfg)
+    m.init_weights(std=0.1)
+    with torch.no_grad():
+        for name, buf in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.05)
+    return m.eval()
+
+
+def _rms(x, w, eps=1e-6):
+    return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_mtp_matches_hand_evaluation(tiny_cfg):
+    """SPEC §8: logits_k = head(norm(TRM([enorm(Emb(t_{i+1})) ; hnorm(h_i)] · eh_projᵀ))), with TRM evaluated
+    by transformers' own decoder layer loaded with the MTP block's weights."""
+    m = _model(tiny_cfg)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = m(ids, mtp=True)
+    mtp = m.mtp[0]
+    T = ids.shape[1] - 1
+    emb = m.embed_tokens.weight[ids[:, 1:]]
+    h_prev = out.hidden[:, :T]  # the main model's final-normed hidden state (verified against transformers)
+    x = torch.cat((_rms(emb, mtp.enorm.weight), _rms(h_prev, mtp.hnorm.weight)), -1) @ mtp.eh_proj.weight.T
+    hf_cfg = DeepseekV3Config(**small_v3())
+    hf_cfg._attn_implementation = "eager"
+    block = DeepseekV3DecoderLayer(hf_cfg, layer_idx=hf_cfg.first_k_dense_replace).eval()
+    block_sd = {k[len("mtp.0."):]: v for k, v in m.state_dict().items() if k.startswith("mtp.0.")}
+    missing, unexpected = block.load_state_dict(block_sd, strict=False)
+    assert not missing and set(unexpected) == {"enorm.weight", "hnorm.weight", "eh_proj.weight",
+                                               "shared_head.norm.weight"}
+    pos = torch.arange(T)[None]
+    cos, sin = DeepseekV3RotaryEmbedding(hf_cfg)(x, pos)
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        y = block(x, attention_mask=causal, position_ids=pos, position_embeddings=(cos, sin))
+        y = y[0] if isinstance(y, tuple) else y
+    ref = _rms(y, mtp.shared_head.norm.weight) @ m.lm_head.weight.T
+    assert out.mtp_logits[0].shape == (2, T, tiny_cfg.vocab_size)
+    assert rel_err(out.mtp_logits[0], ref) <= 1e-5
+
+
+def test_mtp_depth_two_chains_hidden_states(tiny_cfg):
+    cfg = tiny_cfg.replace(num_nextn_predict_layers=2)
+    m = _model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 10))
+    with torch.no_grad():
+        out = m(ids, mtp=True)
+        h1 = m.mtp[0](out.hidden[:, :9], m.embed_tokens(ids[:, 1:]), *_cos_sin(m, 9))
+        h2 = m.mtp[1](h1[:, :8], m.embed_tokens(ids[:, 2:]), *_cos_sin(m, 8))
+    assert [t.shape[1] for t in out.mtp_logits] == [9, 8]
+    assert torch.allclose(out.mtp_logits[1], m.lm_head(m.mtp[1].shared_head.norm(h2)), atol=1e-6)
+
+
+def _cos_sin(m, n):
+    from dsv3.model.rope import cos_sin
+    return cos_sin(torch.arange(n)[None], m.rope_inv_freq, m.rope_factor)
+
+
+def test_paged_cache_decode_matches_full_forward(tiny_cfg):
+    """Chunked prefill + decode of two interleaved sequences through the absorbed paged path equals a full
+    recomputation (float32), every step."""
+    m = _model(tiny_cfg)
+    bs, n_blocks = 4, 16
+    width = tiny_cfg.kv_lora_rank + tiny_cfg.qk_rope_head_dim
+    pools = [torch.zeros(n_blocks, bs, width) for _ in range(tiny_cfg.num_hidden_layers)]
+    tables = torch.tensor([[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11]])
+    seqs = [torch.randint(0, tiny_cfg.vocab_size, (18,)), torch.randint(0, tiny_cfg.vocab_size, (13,))]
+    # (new tokens of seq 0, new tokens of seq 1) per engine step: prefill chunks, then mixed decode.
+    steps = [(7, 0), (3, 5), (1, 4), (1, 1), (1, 1), (2, 1), (1, 1), (1, 0), (1, 0)]
+    done = [0, 0]
+    for q0, q1 in steps:
+        rows, pos, slots, qlens, seq_ids = [], [], [], [], []
+        for s, q in enumerate((q0, q1)):
+            if q == 0:
+                continue
+            p = torch.arange(done[s], done[s] + q)
+            rows.append(seqs[s][p]), pos.append(p), qlens.append(q), seq_ids.append(s)
+            slots.append(tables[s][p // bs] * bs + p % bs)
+            done[s] += q
+        cache = PagedKV(pools, torch.cat(slots), tables[seq_ids], [done[s] for s in seq_ids], qlens)
+        with torch.no_grad():
+            logits = m(torch.cat(rows), positions=torch.cat(pos), cache=cache).logits
+            start = 0
+            for s, q in zip(seq_ids, qlens):
+                ref = m(seqs[s][None, : done[s]]).logits[0, -q:]
+                assert rel_err(logits[start:start + q], ref) <= 1e-5, (s, done[s])
+                start += q
+
+
+def test_packed_documents_do_not_attend_across(tiny_cfg):
+    m = _model(tiny_cfg)
+    a, b = torch.randint(0, tiny_cfg.vocab_size, (1, 8)), torch.randint(0, tiny_cfg.vocab_size, (1, 12))
+    doc_ids = torch.tensor([[0] * 8 + [1] * 12])
+    with torch.no_grad():
+        packed = m(torch.cat((a, b), 1), doc_ids=doc_ids).logits
+        assert rel_err(packed[:, :8], m(a).logits) <= 1e-5
+        assert rel_err(packed[:, 8:], m(b).logits) <= 1e-5  # positions restart at 0 in document b
+
+
+def test_balance_loss_formula_on_hand_computed_case():
+    # 1 sequence, T=2 tokens, E=4 experts, K=2. Token 0 picks {0,1}, token 1 picks {0,2}.
+    s = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1]]])
+    idx = torch.tensor([[[0, 1], [0, 2]]])
+    f = torch.tensor([2, 1, 1, 0]) * 4 / (2 * 2)  # N_r/(K_r·T) · hits
+    P = torch.tensor([(0.4 + 0.5) / 2, (0.3 + 0.1) / 2, (0.2 + 0.3) / 2, (0.1 + 0.1) / 2])  # rows sum to 1
+    assert math.isclose(sequence_balance_loss(s, idx).item(), (f * P).sum().item(), rel_tol=1e-6)
+
+
+def test_balance_loss_enters_gradient_inside_moe(tiny_cfg):
+    torch.manual_seed(0)
+    moe = MoE(tiny_cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    x = torch.randn(2, 6, tiny_cfg.hidden_size)
+    alpha = 0.3
+    moe.balance_coef = alpha
+    moe(x).square().sum().backward()
+    with_loss = moe.gate.weight.grad.clone()
+    moe.zero_grad()
+    moe.balance_coef = 0.0
+    _, idx, scores = moe.gate(x.reshape(-1, x.shape[-1]))
+    explicit = moe(x).square().sum() + alpha * sequence_balance_loss(scores.view(2, 6, -1), idx.view(2, 6, -1))
+    explicit.backward()
+    assert torch.allclose(with_loss, moe.gate.weight.grad, atol=1e-6)
+    assert not torch.allclose(with_loss, torch.zeros_like(with_loss))
+
+
+def test_router_stats_count_every_routed_token(tiny_cfg):
+    m = _model(tiny_cfg)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (3, 10))
+    out = m(ids, mtp=True)
+    n_moe = tiny_cfg.n_moe_layers + tiny_cfg.num_nextn_predict_layers
+    assert out.expert_counts.shape == (n_moe, tiny_cfg.n_routed_experts)
+    main, mtp = out.expert_counts[:-1], out.expert_counts[-1]
+    assert (main.sum(-1) == 30 * tiny_cfg.num_experts_per_tok).all()
+    assert mtp.sum() == 27 * tiny_cfg.num_experts_per_tok
+
+
+def test_grouped_mm_matches_per_group_matmul():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(37, 16, generator=g), torch.randn(5, 16, 24, generator=g)
+    offs = torch.tensor([4, 4, 20, 31, 37], dtype=torch.int32)  # includes an empty group
+    ref = torch.cat([x[:4] @ w[0], x[4:20] @ w[2], x[20:31] @ w[3], x[31:] @ w[4]])
+    assert torch.allclose(grouped_mm(x, w, offs), ref, atol=1e-5)
+    assert torch.allclose(grouped_mm_reference(x.double(), w.double(), offs), ref.double(), atol=1e-5)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = grouped_mm(xg, wg, offs)
+    y.backward(torch.ones_like(y))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    grouped_mm_reference(xr, wr, offs).backward(torch.ones_like(y))
+    assert torch.allclose(xg.grad, xr.grad, atol=1e-5) and torch.allclose(wg.grad, wr.grad, atol=1e-4)
+
+
+def test_training_step_reduces_loss(tiny_cfg):
+    m = _model(tiny_cfg).train()
+    ids = torch.randint(0, tiny_cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        out = m(ids, mtp=True)
+        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss = loss + 0.3 * F.cross_entropy(out.mtp_logits[0][:, :-1].flatten(0, 1), ids[:, 2:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.9
