@@ -185,3 +185,15 @@ def test_training_step_reduces_loss(tiny_cfg):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9
+
+
+def test_bf16_cast_keeps_fp32_buffers(tiny_cfg):
+    m = _model(tiny_cfg)
+    bias = m.layers[1].mlp.gate.e_score_correction_bias
+    bias.fill_(1e-3 + 1e-6)  # not representable in bf16
+    freq = m.rope_inv_freq.clone()
+    m = m.to(torch.bfloat16)
+    assert m.lm_head.weight.dtype == torch.bfloat16
+    assert m.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert m.layers[1].mlp.gate.e_score_correction_bias[0].item() == torch.tensor(1e-3 + 1e-6).item()
+    assert torch.equal(m.rope_inv_freq, freq)

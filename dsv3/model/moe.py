@@ -78,15 +78,18 @@ class Experts(nn.Module):
         E = self.gate_up_proj.shape[0]
         flat = idx_NK.flatten()  # (N·K,)
         order = flat.argsort(stable=True)  # rows sorted by expert; stable keeps it deterministic
-        counts_E = torch.bincount(flat, minlength=E)
+        # scatter_add, not bincount: a static output shape keeps torch.compile from breaking the graph here.
+        counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = counts_E.cumsum(0).to(torch.int32)
         x_sorted = x_ND[order // K]  # (N·K, D)
         gate, up = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs)  # (N·K, D)
+        # The routing weight scales the activation before the (linear) down projection: same result, and it
+        # fuses into the SwiGLU elementwise instead of a pass over the (N·K, D) output.
+        h = F.silu(gate) * up * w_NK.flatten()[order].unsqueeze(-1).to(up.dtype)
+        y_sorted = grouped_mm(h, self.down_proj.transpose(1, 2), offs)  # (N·K, D)
         y_NKD = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(N, K, -1)
-        # Weighted sum over each token's K experts as a tiny batched GEMM (fp32 accumulation, deterministic).
-        out_ND = torch.bmm(w_NK.unsqueeze(1).to(y_NKD.dtype), y_NKD).squeeze(1)
-        return out_ND, counts_E
+        # Sum over each token's K experts with fp32 accumulation; a fixed order keeps it deterministic.
+        return y_NKD.sum(1, dtype=torch.float32).to(x_ND.dtype), counts_E
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:

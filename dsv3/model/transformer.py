@@ -97,6 +97,19 @@ class Transformer(nn.Module):
         self.register_buffer("rope_inv_freq", rope.inv_freq(cfg), persistent=False)
         self.rope_factor = rope.attention_factor(cfg)
 
+    def _apply(self, fn, recurse=True):
+        # Buffers are fp32 state (rope frequencies, the balance bias): `model.to(torch.bfloat16)` moves them
+        # but must not round them (bf16 frequencies put cos off by up to 0.36 at position 2048).
+        fp32 = {n: b for n, b in self.named_buffers() if b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, old in fp32.items():
+            module, _, attr = name.rpartition(".")
+            owner = self.get_submodule(module)
+            new = getattr(owner, attr)
+            if new.dtype != torch.float32:
+                setattr(owner, attr, (new if old.is_meta else old).to(new.device, torch.float32))
+        return self
+
     # ---- initialisation --------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
