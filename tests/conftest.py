@@ -26,5 +26,18 @@ def tiny_cfg():
     return ModelConfig.from_hf_dict({"model_type": "deepseek_v3", **small_v3(), "num_nextn_predict_layers": 1})
 
 
+def random_model(cfg, seed: int = 0, std: float = 0.1):
+    """A dsv3 model with random weights and random (non-zero) routing biases, in eval mode."""
+    import dsv3
+    torch.manual_seed(seed)
+    m = dsv3.Transformer(cfg)
+    m.init_weights(std=std)
+    with torch.no_grad():
+        for name, buf in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.05)
+    return m.eval()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -6,22 +6,14 @@ import pytest
 import torch
 
 import dsv3
-from conftest import rel_err
+from conftest import random_model, rel_err
 from dsv3.io import fp8
 from dsv3.io.convert import convert
 from dsv3.io.hf import write_checkpoint
 
 
 def _tiny576(seed=0):
-    torch.manual_seed(seed)
-    cfg = dsv3.preset("tiny-576").replace(vocab_size=256, num_hidden_layers=2)
-    m = dsv3.Transformer(cfg)
-    m.init_weights(std=0.05)
-    with torch.no_grad():
-        for name, buf in m.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.normal_(0, 0.05)
-    return m.eval()
+    return random_model(dsv3.preset("tiny-576").replace(vocab_size=256, num_hidden_layers=2), seed, std=0.05)
 
 
 def test_fp8_block_scales_with_ragged_edges():

@@ -8,21 +8,10 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
 
 import dsv3
-from conftest import rel_err, small_v3
+from conftest import random_model, rel_err, small_v3
 from dsv3.kernels.grouped_mm import grouped_mm, grouped_mm_reference
 from dsv3.model import PagedKV
 from dsv3.model.moe import MoE, sequence_balance_loss
-
-
-def _model(cfg, seed=0):
-    torch.manual_seed(seed)
-    m = dsv3.Transformer(cfg)
-    m.init_weights(std=0.1)
-    with torch.no_grad():
-        for name, buf in m.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.normal_(0, 0.05)
-    return m.eval()
 
 
 def _rms(x, w, eps=1e-6):
@@ -32,7 +21,7 @@ def _rms(x, w, eps=1e-6):
 def test_mtp_matches_hand_evaluation(tiny_cfg):
     """SPEC §8: logits_k = head(norm(TRM([enorm(Emb(t_{i+1})) ; hnorm(h_i)] · eh_projᵀ))), with TRM evaluated
     by transformers' own decoder layer loaded with the MTP block's weights."""
-    m = _model(tiny_cfg)
+    m = random_model(tiny_cfg)
     ids = torch.randint(0, tiny_cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = m(ids, mtp=True)
@@ -61,7 +50,7 @@ def test_mtp_matches_hand_evaluation(tiny_cfg):
 
 def test_mtp_depth_two_chains_hidden_states(tiny_cfg):
     cfg = tiny_cfg.replace(num_nextn_predict_layers=2)
-    m = _model(cfg)
+    m = random_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 10))
     with torch.no_grad():
         out = m(ids, mtp=True)
@@ -79,7 +68,7 @@ def _cos_sin(m, n):
 def test_paged_cache_decode_matches_full_forward(tiny_cfg):
     """Chunked prefill + decode of two interleaved sequences through the absorbed paged path equals a full
     recomputation (float32), every step."""
-    m = _model(tiny_cfg)
+    m = random_model(tiny_cfg)
     bs, n_blocks = 4, 16
     width = tiny_cfg.kv_lora_rank + tiny_cfg.qk_rope_head_dim
     pools = [torch.zeros(n_blocks, bs, width) for _ in range(tiny_cfg.num_hidden_layers)]
@@ -108,7 +97,7 @@ def test_paged_cache_decode_matches_full_forward(tiny_cfg):
 
 
 def test_packed_documents_do_not_attend_across(tiny_cfg):
-    m = _model(tiny_cfg)
+    m = random_model(tiny_cfg)
     a, b = torch.randint(0, tiny_cfg.vocab_size, (1, 8)), torch.randint(0, tiny_cfg.vocab_size, (1, 12))
     doc_ids = torch.tensor([[0] * 8 + [1] * 12])
     with torch.no_grad():
@@ -146,7 +135,7 @@ def test_balance_loss_enters_gradient_inside_moe(tiny_cfg):
 
 
 def test_router_stats_count_every_routed_token(tiny_cfg):
-    m = _model(tiny_cfg)
+    m = random_model(tiny_cfg)
     ids = torch.randint(0, tiny_cfg.vocab_size, (3, 10))
     out = m(ids, mtp=True)
     n_moe = tiny_cfg.n_moe_layers + tiny_cfg.num_nextn_predict_layers
@@ -172,7 +161,7 @@ def test_grouped_mm_matches_per_group_matmul():
 
 
 def test_training_step_reduces_loss(tiny_cfg):
-    m = _model(tiny_cfg).train()
+    m = random_model(tiny_cfg).train()
     ids = torch.randint(0, tiny_cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(5))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
@@ -188,7 +177,7 @@ def test_training_step_reduces_loss(tiny_cfg):
 
 
 def test_bf16_cast_keeps_fp32_buffers(tiny_cfg):
-    m = _model(tiny_cfg)
+    m = random_model(tiny_cfg)
     bias = m.layers[1].mlp.gate.e_score_correction_bias
     bias.fill_(1e-3 + 1e-6)  # not representable in bf16
     freq = m.rope_inv_freq.clone()

@@ -218,10 +218,7 @@ def _materialize(model: Transformer, device) -> Transformer:
     model = model.to_empty(device=device)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.reset_buffers()
-    for m in model.modules():
-        if hasattr(m, "e_score_correction_bias"):
-            m.e_score_correction_bias.zero_()
+    model.init_buffers()
     return model
 
 

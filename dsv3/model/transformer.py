@@ -120,15 +120,15 @@ class Transformer(nn.Module):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=generator)
-        self.reset_buffers()
+        self.init_buffers()
 
     @torch.no_grad()
-    def reset_buffers(self) -> None:
-        """Recompute non-persistent buffers (needed after building on the meta device)."""
+    def init_buffers(self) -> None:
+        """Rope frequencies from the config, balance biases at zero (also after building on the meta device)."""
         self.rope_inv_freq = rope.inv_freq(self.config).to(self.embed_tokens.weight.device)
         for m in self.modules():
-            if hasattr(m, "e_score_correction_bias") and m.e_score_correction_bias.is_meta:
-                m.e_score_correction_bias = torch.zeros_like(m.e_score_correction_bias, device=self.rope_inv_freq.device)
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.zero_()
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
