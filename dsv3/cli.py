@@ -27,6 +27,26 @@ def cmd_convert(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_train(args) -> None:
+    import json
+    from dsv3.train.config import from_args
+    from dsv3.train.loop import Trainer
+    if args.resume and not args.config:  # continue with the run's own settings unless told otherwise
+        args.config = str(Path(args.out or "runs/train") / "run.json")
+    summary = Trainer(from_args(args)).run()
+    print(json.dumps(summary))
+
+
+def cmd_quickstart(args) -> None:
+    from dsv3.quickstart import quickstart
+    quickstart(args.out, args.steps, args.threads)
+
+
+def cmd_plot(args) -> None:
+    from dsv3.train.metrics import plot_run
+    print(f"wrote {plot_run(Path(args.run_dir), args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -44,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--ue8m0", action="store_true", help="round FP8 scales up to powers of two (V3.1 format)")
     conv.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GiB")
     conv.set_defaults(fn=cmd_convert)
+
+    from dsv3.train.config import add_args
+    train = sub.add_parser("train", help="pretrain a DeepSeek-V3 model from text (resumable)")
+    add_args(train)
+    train.set_defaults(fn=cmd_train)
+
+    qs = sub.add_parser("quickstart", help="train the tiny model on the shipped corpus (CPU, minutes) and talk to it")
+    qs.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    qs.add_argument("--steps", type=int, default=600, help="optimizer steps of 16 × 256 tokens (default 600)")
+    qs.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    qs.set_defaults(fn=cmd_quickstart)
+
+    plot = sub.add_parser("plot", help="PNG of a run's loss, learning rate and expert-load balance")
+    plot.add_argument("run_dir", help="a run directory written by dsv3 train")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/plot.png)")
+    plot.set_defaults(fn=cmd_plot)
     return p
 
 

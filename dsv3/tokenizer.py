@@ -87,6 +87,20 @@ class Tokenizer:
             config["chat_template"] = jinja_file.read_text(encoding="utf-8")
         return cls(tok, config)
 
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json (what from_dir and transformers' AutoTokenizer read).
+        Each file goes to a temp name and is renamed over the target, so a crash never leaves half a file."""
+        import os  # local: the only use in this module
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = json.dumps(self.config, indent=2, ensure_ascii=False)
+        files = {"tokenizer.json": self.tok.to_str(), "tokenizer_config.json": config}
+        for name, text in files.items():
+            tmp = directory / f".{name}.{os.getpid()}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, directory / name)
+
     @property
     def bos_id(self) -> int:
         return self._required_id(self.bos_token)

@@ -22,9 +22,14 @@ def _fused_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
+# torch.compile's shape function for _grouped_mm only admits bf16 (the CUDA contract), so on CPU the op runs
+# outside the compiled graph.
+_grouped_mm_cpu = torch.compiler.disable(torch._grouped_mm)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_zeros(0, w.shape[-1])
     if _fused_ok(x):
-        return torch._grouped_mm(x, w, offs=offs)
+        return (torch._grouped_mm if x.is_cuda else _grouped_mm_cpu)(x, w, offs=offs)
     return grouped_mm_reference(x, w, offs)

@@ -130,6 +130,10 @@ class Transformer(nn.Module):
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.zero_()
 
+    def moe_layers(self) -> list[MoE]:
+        """MoE modules in forward order (main layers, then MTP): the rows of ModelOutput.expert_counts."""
+        return [b.mlp for b in (*self.layers, *self.mtp) if isinstance(b.mlp, MoE)]
+
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: PagedKV | None = None,

@@ -1,0 +1,222 @@
+"""`dsv3 train`: raw text -> tokenizer -> token files -> a DeepSeek-V3 model, resumable, with balance and MTP.
+
+One optimizer step = `grad_accum` micro-batches of the global batch. After it, the aux-loss-free bias moves by
+the expert loads of the whole global batch (SPEC §9.1); the sequence-wise balance loss enters each MoE layer's
+backward with α / grad_accum, so it weighs the same as if the global batch were one forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dsv3.config import preset
+from dsv3.data.bpe import train_bpe
+from dsv3.data.corpus import corpus_fingerprint, read_documents
+from dsv3.data.loader import PackedLoader
+from dsv3.data.tokens import build_token_files, unigram_loss
+from dsv3.info import model_stats
+from dsv3.io import load_model
+from dsv3.model import Transformer
+from dsv3.tokenizer import Tokenizer
+from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from dsv3.train.config import TrainConfig
+from dsv3.train.metrics import MetricsLog, plot_run
+from dsv3.train.objective import (max_violation, mtp_loss, next_token_loss, set_balance_loss,
+                                  update_balance_bias)
+from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
+
+H100_BF16_FLOPS = 989e12
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        existing = checkpoints(self.run_dir)
+        if existing and not cfg.resume:
+            raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue it, or choose "
+                             "another --out (nothing was overwritten)")
+        if cfg.resume and not existing:
+            raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (self.run_dir / "run.json").write_text(cfg.to_json())
+        self.tokenizer = self._tokenizer()
+        self.train_tokens, self.val_tokens = build_token_files(
+            read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
+            corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.seed)
+        self.unigram = unigram_loss(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
+        self.model = self._model()
+        self.opt = build_optimizer(self.model, cfg)
+        mb = cfg.micro_batch_size or cfg.batch_size
+        self.loader = PackedLoader(self.train_tokens, cfg.seq_len, mb, cfg.seed, self.tokenizer.bos_id)
+        self.val_loader = PackedLoader(self.val_tokens, cfg.seq_len, mb, cfg.seed, self.tokenizer.bos_id,
+                                       shuffle=False)
+        self.step = 0
+        if cfg.resume:
+            manifest = load_checkpoint(existing[-1], self.model, self.opt)
+            self.loader.load_state_dict(manifest["loader"])
+            self.step = manifest["step"]
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.step if cfg.resume else None)
+        self.flops_per_token = model_stats(self.model.config, cfg.seq_len)["training_flops_per_token"]
+
+    # ---- setup -----------------------------------------------------------------------------------------
+    def _tokenizer(self) -> Tokenizer:
+        out = self.run_dir / "tokenizer"
+        if (out / "tokenizer.json").is_file():  # resuming, or a rerun that already trained it
+            return Tokenizer.from_dir(out)
+        if self.cfg.tokenizer:
+            tok = Tokenizer.from_dir(self.cfg.tokenizer)
+        else:
+            print(f"training a {self.cfg.vocab_size}-token byte-level BPE on the corpus ...")
+            tok = train_bpe(read_documents(self.cfg.data or None), self.cfg.vocab_size)
+        tok.save(out)
+        return tok
+
+    def _model(self) -> Transformer:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        dtype = torch.bfloat16 if cfg.param_dtype == "bf16" and self.device.type == "cuda" else torch.float32
+        if cfg.init_from:
+            model = load_model(cfg.init_from, device=self.device, dtype=dtype)  # its config.json wins
+        else:
+            mcfg = preset(cfg.preset).with_vocab(self.tokenizer.vocab_size)
+            model = Transformer(mcfg if cfg.mtp else mcfg.replace(num_nextn_predict_layers=0))
+            model.init_weights(std=cfg.init_std)
+            model = model.to(self.device, dtype)
+        if model.config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
+                             f"{self.tokenizer.vocab_size} ids")
+        if not cfg.mtp and model.config.num_nextn_predict_layers:
+            model.mtp = torch.nn.ModuleList()
+            model.config = model.config.replace(num_nextn_predict_layers=0)
+        if cfg.activation_checkpointing:
+            for block in (*model.layers, *model.mtp):
+                block.forward = _checkpointed(block.forward)
+        if cfg.compile:
+            for block in (*model.layers, *model.mtp):
+                block.compile()
+        return model.train()
+
+    # ---- one optimizer step ------------------------------------------------------------------------------
+    def _forward_loss(self, batch, lam: float):
+        autocast = self.cfg.autocast and self.device.type == "cuda"
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
+            out = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None,
+                             mtp=len(self.model.mtp) > 0)
+        main = next_token_loss(out.logits, batch.labels)
+        extra = mtp_loss(out.mtp_logits, batch.labels) if out.mtp_logits else None
+        total = main + lam * extra if extra is not None else main
+        return total, main, extra, out
+
+    def train_step(self) -> dict:
+        cfg, accum = self.cfg, self.cfg.grad_accum
+        lr, lam = lr_at(self.step, cfg), mtp_lambda_at(self.step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        alpha = {"bias": cfg.seq_aux_alpha, "aux": cfg.aux_alpha, "none": 0.0}[cfg.balance]
+        set_balance_loss(self.model, alpha / accum)
+        sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        counts = None
+        for _ in range(accum):
+            batch = self.loader.next_batch().to(self.device)
+            total, main, extra, out = self._forward_loss(batch, lam)
+            (total / accum).backward()
+            sums["loss"] += main.detach() / accum
+            if extra is not None:
+                sums["mtp_loss"] += extra.detach() / accum
+            if out.balance_loss is not None:
+                sums["balance_loss"] += out.balance_loss / accum
+            if out.expert_counts is not None:
+                counts = out.expert_counts if counts is None else counts + out.expert_counts
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if counts is not None and cfg.balance == "bias":
+            update_balance_bias(self.model, counts, cfg.bias_update_rate)
+        self.step += 1
+        rec = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm)}
+        rec.update({k: float(v) for k, v in sums.items() if torch.is_tensor(v)})
+        if len(self.model.mtp):
+            rec["mtp_lambda"] = lam
+        if counts is not None:
+            rec["maxvio"] = [round(v, 4) for v in max_violation(counts).tolist()]
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        losses = []
+        for batch in self.val_loader.eval_batches(self.cfg.eval_batches):
+            batch = batch.to(self.device)
+            with torch.autocast(self.device.type, torch.bfloat16,
+                                enabled=self.cfg.autocast and self.device.type == "cuda"):
+                out = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None)
+            losses.append(next_token_loss(out.logits, batch.labels).item())
+        self.model.train()
+        val = sum(losses) / len(losses)
+        return {"step": self.step, "val_loss": val, "val_ppl": math.exp(val), "unigram_loss": self.unigram}
+
+    def save(self, last_eval: dict | None = None) -> Path:
+        manifest = {"train_config": dataclasses.asdict(self.cfg), "loader": self.loader.state_dict(),
+                    "eval": last_eval}
+        return save_checkpoint(self.run_dir, self.step, self.model, self.opt, manifest, self.cfg.keep,
+                               self.run_dir / "tokenizer")
+
+    # ---- the run -----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        n_params = sum(p.numel() for p in self.model.parameters())
+        print(f"{cfg.preset if not cfg.init_from else cfg.init_from}: {n_params / 1e6:.1f}M parameters, "
+              f"{len(self.train_tokens):,} training tokens, batch {cfg.batch_size} x {cfg.seq_len} "
+              f"(accumulation {cfg.grad_accum}), {cfg.steps} steps on {self.device}")
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        last_eval, ckpt = None, None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                rec["tokens_per_s"] = tokens_per_step / dt
+                if self.device.type == "cuda":
+                    rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / H100_BF16_FLOPS
+                self.log.write(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last_eval = self.evaluate()
+                    self.log.write(last_eval)
+                    bar.write(f"step {self.step}: val loss {last_eval['val_loss']:.4f} "
+                              f"(ppl {last_eval['val_ppl']:.1f}; unigram {self.unigram:.4f})")
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    ckpt = self.save(last_eval)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted: saving step {self.step} ...")
+            if self.step:
+                print(f"saved {self.save(last_eval)}; continue with --resume --out {self.run_dir}")
+            raise SystemExit(130)
+        finally:
+            bar.close()
+            self.log.close()
+        plot = plot_run(self.run_dir)
+        return {"step": self.step, "val_loss": last_eval and last_eval["val_loss"], "unigram_loss": self.unigram,
+                "checkpoint": str(ckpt / "model") if ckpt else None, "plot": str(plot)}
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run

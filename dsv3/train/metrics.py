@@ -1,0 +1,72 @@
+"""What a training run shows: metrics.jsonl (one object per step), and `dsv3 plot RUN_DIR` -> plot.png."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    """Append-only JSONL, flushed per line. On resume, lines past the checkpoint's step are dropped first so the
+    resumed run's lines replace them instead of duplicating them."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.is_file():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a dsv3 run directory?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Loss (train, validation, MTP), learning rate, and expert-load MaxVio against steps, in one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=0.8)
+    if any("mtp_loss" in r for r in train):
+        ax.plot([r["step"] for r in train if "mtp_loss" in r], [r["mtp_loss"] for r in train if "mtp_loss" in r],
+                label="MTP (depth 1)", lw=0.8, alpha=0.7)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    if val and "unigram_loss" in val[-1]:
+        ax.axhline(val[-1]["unigram_loss"], ls="--", c="gray", label="unigram baseline")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax.legend()
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[1].set(xlabel="step", ylabel="learning rate", title="learning rate")
+    vio = [r for r in train if r.get("maxvio")]
+    if vio:
+        axes[2].plot([r["step"] for r in vio], [sum(r["maxvio"]) / len(r["maxvio"]) for r in vio], label="mean")
+        axes[2].plot([r["step"] for r in vio], [max(r["maxvio"]) for r in vio], label="worst layer", alpha=0.7)
+        axes[2].legend()
+    axes[2].set(xlabel="step", ylabel="MaxVio = max load / mean load − 1", title="expert load balance")
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "plot.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,243 @@
+"""dsv3.data: corpus reading, BPE training, token files (split, FIM, cache), unigram baseline, packed loader."""
+
+import gzip
+import json
+import lzma
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dsv3.data import (
+    SHIPPED, PackedLoader, TokenFile, build_token_files, corpus_fingerprint, read_documents, train_bpe, unigram_loss,
+)
+from dsv3.data import corpus as corpus_mod
+from dsv3.tokenizer import BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIAL_TOKENS, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return list(read_documents(None))
+
+
+@pytest.fixture(scope="module")
+def tok(docs):
+    return train_bpe(docs[:40], 512)  # ~0.5 MB of text: a real BPE in well under a second
+
+
+# ---- corpus ----------------------------------------------------------------------------------------------------
+
+
+def test_shipped_corpus_reads_into_documents(docs):
+    assert SHIPPED.name == "shakespeare.jsonl.xz" and (SHIPPED.parent / "NOTICE").is_file()
+    assert len(docs) >= 100 and all(d.strip() for d in docs)
+    assert "To be, or not to be" in "".join(docs)
+    assert SHIPPED.stat().st_size < 3_000_000
+
+
+def test_missing_path_and_empty_corpus_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        read_documents([tmp_path / "nope.txt"])
+    with pytest.raises(ValueError, match="no text found"):  # a directory without any corpus file
+        read_documents([tmp_path])
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="no text found"):  # files, but only whitespace: found while reading
+        list(read_documents([tmp_path]))
+    with pytest.raises(ValueError, match="no text found"):  # and it surfaces through BPE training
+        train_bpe(read_documents([tmp_path]), 512)
+    (tmp_path / "data.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="data.csv"):
+        read_documents([tmp_path / "data.csv"])
+
+
+def test_jsonl_without_text_names_file_and_line(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "fine"}\n\n{"title": "no text"}\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl:3"):
+        list(read_documents([f]))
+
+
+def test_reads_txt_jsonl_compressed_and_directories(tmp_path, monkeypatch):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.txt").write_text("first\r\ndoc")
+    with gzip.open(tmp_path / "b" / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "second"}) + "\n" + json.dumps({"text": "third", "id": 3}) + "\n")
+    with lzma.open(tmp_path / "b" / "d.txt.xz", "wt") as f:
+        f.write("fourth")
+    (tmp_path / "b" / "skip.md").write_text("not a corpus file")
+    assert list(read_documents([tmp_path])) == ["first\ndoc", "second", "third", "fourth"]
+    monkeypatch.setattr(corpus_mod, "BIG_TXT_CHARS", 100)  # a "large" .txt is cut at blank lines
+    big = tmp_path / "big.txt"
+    paragraphs = [f"paragraph {i} " * 200 for i in range(20)]  # 2,400 characters each
+    big.write_text("\n\n\n".join(paragraphs))
+    parts = list(read_documents([big]))
+    assert len(parts) == 3 and all(len(p) >= corpus_mod.DOC_CHARS for p in parts[:-1])
+    assert "\n\n\n".join(parts) == "\n\n\n".join(paragraphs)  # cut only at blank lines, nothing lost
+
+
+def test_fingerprint_tracks_files(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("x")
+    fp = corpus_fingerprint([tmp_path])
+    assert fp == corpus_fingerprint([tmp_path]) != corpus_fingerprint(None)
+    os.utime(f, ns=(0, 123))
+    assert corpus_fingerprint([tmp_path]) != fp
+
+
+# ---- BPE -------------------------------------------------------------------------------------------------------
+
+
+def test_bpe_reserves_special_tokens_and_round_trips(tok, docs):
+    assert tok.vocab_size == 512 and tok.bos_id == 0 and tok.eos_id == 1 and tok.pad_id == 1
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.encode(t) == [i]
+    x = "Hamlet: To be, or not to be\n\t 日本語 ‘x’ \x00 <think>?</think>"
+    assert tok.decode(tok.encode(x)) == x
+    assert "chat_template" not in tok.config  # the built-in DeepSeek-V3 format renders chats
+    # Deterministic training: a retrained tokenizer has the same hash, so cached token files stay valid.
+    assert train_bpe(docs[:40], 512).tok.to_str() == tok.tok.to_str()
+    with pytest.raises(ValueError, match="vocab_size=300"):
+        train_bpe(["text"], 300)
+
+
+def test_bpe_loads_with_from_dir_and_transformers(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    ours = Tokenizer.from_dir(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf.bos_token, hf.eos_token, hf.pad_token) == (BOS, EOS, EOS)
+    for x in ["Good morrow, my lord.", f"{BOS}fim: {FIM_BEGIN}a{FIM_HOLE}b{FIM_END}", "  two  spaces\n\nend  "]:
+        assert ours.encode(x) == hf(x)["input_ids"] == tok.encode(x)
+
+
+# ---- token files -----------------------------------------------------------------------------------------------
+
+
+def _split_docs(tokens: np.ndarray) -> list[list[int]]:
+    starts = np.flatnonzero(tokens == 0).tolist()  # BOS = 0
+    return [tokens[a:b].tolist() for a, b in zip(starts, starts[1:] + [len(tokens)])]
+
+
+def test_token_files_delimit_documents_and_split_by_document(tok, docs, tmp_path):
+    train, val = build_token_files(docs[:60], tok, tmp_path, "fp", val_fraction=0.1, fim_rate=0.0)
+    assert train.tokens.dtype == np.uint16 and isinstance(train.tokens, np.memmap)
+    assert train.n_docs + val.n_docs == 60 and val.n_docs >= 1
+    seqs = _split_docs(np.asarray(train.tokens)) + _split_docs(np.asarray(val.tokens))
+    assert len(seqs) == 60 and all(s[0] == 0 and s[-1] == 1 and 1 not in s[1:-1] for s in seqs)
+    assert sorted(tok.decode(s[1:-1]) for s in seqs) == sorted(docs[:60])  # every document exactly once
+    meta = json.loads((tmp_path / "tokens.json").read_text())
+    assert meta["train_tokens"] == len(train) and meta["val_docs"] == val.n_docs
+
+
+def test_token_files_are_reused_and_rebuilt_on_change(tok, docs, tmp_path):
+    reads = []
+
+    def counted():
+        for d in docs[:20]:
+            reads.append(1)
+            yield d
+
+    first = build_token_files(counted(), tok, tmp_path, "fp1")
+    n, mtime = len(reads), (tmp_path / "train.bin").stat().st_mtime_ns
+    again = build_token_files(counted(), tok, tmp_path, "fp1")
+    assert len(reads) == n and (tmp_path / "train.bin").stat().st_mtime_ns == mtime  # nothing read or written
+    assert np.array_equal(first[0].tokens, again[0].tokens) and again[1].n_docs == first[1].n_docs
+    build_token_files(counted(), tok, tmp_path, "fp2")  # another corpus fingerprint
+    assert len(reads) == 2 * n
+    build_token_files(counted(), tok, tmp_path, "fp2", seed=1)  # another setting
+    assert len(reads) == 3 * n
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_fim_rewrites_train_documents_psm(tok, docs, tmp_path):
+    texts = [d[:3000] for d in docs[:30]]
+    fim_begin, hole, end = (tok.token_to_id(t) for t in (FIM_BEGIN, FIM_HOLE, FIM_END))
+    train, val = build_token_files(texts, tok, tmp_path / "fim", "fp", val_fraction=0.1, fim_rate=1.0)
+    seen = []
+    for s in _split_docs(np.asarray(train.tokens)):
+        assert s[:2] == [0, fim_begin] and s[-1] == 1
+        h, e = s.index(hole), s.index(end)
+        prefix, suffix, middle = tok.decode(s[2:h]), tok.decode(s[h + 1 : e]), tok.decode(s[e + 1 : -1])
+        seen.append(prefix + middle + suffix)
+    assert len(seen) == train.n_docs and all(t in texts for t in seen)
+    assert fim_begin not in np.asarray(val.tokens)  # validation documents never get FIM
+    train0, _ = build_token_files(texts, tok, tmp_path / "plain", "fp", val_fraction=0.1, fim_rate=0.0)
+    assert fim_begin not in np.asarray(train0.tokens)
+
+
+def test_too_few_documents_is_an_error(tok, tmp_path):
+    with pytest.raises(ValueError, match="at least 2"):
+        build_token_files(["only one"], tok, tmp_path, "fp")
+
+
+def test_unigram_loss_matches_hand_computation():
+    train = TokenFile(None, np.array([0, 1, 1, 2], dtype=np.uint16), 1)
+    val = TokenFile(None, np.array([1, 3], dtype=np.uint16), 1)
+    # add-one: p = (count + 1) / (4 + V) with V = 4 → p(1) = 3/8, p(3) = 1/8 (never seen in train)
+    assert unigram_loss(train, val, 4) == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2)
+
+
+# ---- loader ----------------------------------------------------------------------------------------------------
+
+
+def _stream(n: int = 103) -> TokenFile:
+    tokens = np.arange(n, dtype=np.uint16) % 50 + 2  # no BOS except where placed below
+    tokens[[0, 5, 17, 40, 41, 90]] = 0
+    return TokenFile(None, tokens, 6)
+
+
+def test_loader_windows_overlap_by_one_and_labels_shift():
+    tf = _stream()
+    loader = PackedLoader(tf, seq_len=10, batch_size=3, shuffle=False)
+    assert len(loader) == 10  # (103 - 1) // 10
+    b = loader.next_batch()
+    assert b.input_ids.dtype == b.labels.dtype == b.doc_ids.dtype == torch.int64 and b.input_ids.shape == (3, 10)
+    assert torch.equal(b.input_ids[:, 1:], b.labels[:, :-1])
+    assert torch.equal(b.to("cpu").doc_ids, b.doc_ids)
+    assert torch.equal(b.labels[:-1, -1], b.input_ids[1:, 0])  # window w's last label opens window w + 1
+    full = torch.from_numpy(tf.tokens.astype(np.int64))
+    for row, w in enumerate(range(3)):
+        assert torch.equal(b.input_ids[row], full[w * 10 : w * 10 + 10])
+        assert torch.equal(b.labels[row], full[w * 10 + 1 : w * 10 + 11])
+    # doc_ids: 0 at t=0, +1 at each later BOS (tokens 5 and 17 → window 0 has one, window 1 has one at t=7)
+    assert b.doc_ids[0].tolist() == [0] * 5 + [1] * 5
+    assert b.doc_ids[1].tolist() == [0] * 7 + [1] * 3
+    assert b.doc_ids[2].tolist() == [0] * 10
+
+
+def test_loader_epochs_are_permutations_and_resume_exactly():
+    tf = _stream(1001)
+    a = PackedLoader(tf, seq_len=8, batch_size=5, seed=3)
+    n = len(a)  # 125 windows: 25 batches an epoch, so 30 batches cross into epoch 1
+    firsts = [a.next_batch().input_ids[:, 0] for _ in range(25)]
+    assert sorted(torch.cat(firsts).tolist()) == sorted(tf.tokens[np.arange(n) * 8].tolist())
+    a = PackedLoader(tf, seq_len=8, batch_size=7, seed=3)
+    for _ in range(7):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = PackedLoader(tf, seq_len=8, batch_size=7, seed=3)
+    b.load_state_dict(state)
+    for _ in range(5):
+        x, y = a.next_batch(), b.next_batch()
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.doc_ids, y.doc_ids)
+    for _ in range(20):  # past the epoch boundary too
+        assert torch.equal(a.next_batch().labels, b.next_batch().labels)
+    assert a.epoch == b.epoch >= 1
+    with pytest.raises(ValueError, match="seed"):
+        PackedLoader(tf, seq_len=8, batch_size=7, seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="seq_len"):
+        PackedLoader(tf, seq_len=9, batch_size=7, seed=3).load_state_dict(state)
+
+
+def test_loader_eval_batches_and_too_short_data():
+    tf = _stream()
+    loader = PackedLoader(tf, seq_len=10, batch_size=4)
+    batches = list(loader.eval_batches(None))
+    assert [len(b.input_ids) for b in batches] == [4, 4, 2]
+    assert torch.equal(batches[0].input_ids[0], torch.from_numpy(tf.tokens[:10].astype(np.int64)))
+    assert len(list(loader.eval_batches(2))) == 2 and loader.position == 0
+    with pytest.raises(ValueError, match=r"seq_len=200"):
+        PackedLoader(tf, seq_len=200, batch_size=1)
