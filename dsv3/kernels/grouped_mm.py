@@ -28,6 +28,11 @@ _grouped_mm_cpu = torch.compiler.disable(torch._grouped_mm)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not know this op: cast as it would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    elif w.dtype != x.dtype:
+        w = w.to(x.dtype)
     if x.shape[0] == 0:
         return x.new_zeros(0, w.shape[-1])
     if _fused_ok(x):

@@ -44,7 +44,8 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x_ND: torch.Tensor):
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        with torch.autocast(x_ND.device.type, enabled=False):  # routing decisions in fp32, also under autocast
+            logits_NE = F.linear(x_ND.float(), self.weight.float())
         scores_NE = logits_NE.sigmoid() if self.scoring == "sigmoid" else logits_NE.softmax(-1)
         choice_NE = scores_NE.detach()
         if self.method == "noaux_tc":
