@@ -54,8 +54,8 @@ def test_mtp_depth_two_chains_hidden_states(tiny_cfg):
     ids = torch.randint(0, cfg.vocab_size, (1, 10))
     with torch.no_grad():
         out = m(ids, mtp=True)
-        h1 = m.mtp[0](out.hidden[:, :9], m.embed_tokens(ids[:, 1:]), *_cos_sin(m, 9))
-        h2 = m.mtp[1](h1[:, :8], m.embed_tokens(ids[:, 2:]), *_cos_sin(m, 8))
+        h1, _ = m.mtp[0](out.hidden[:, :9], m.embed_tokens(ids[:, 1:]), *_cos_sin(m, 9))
+        h2, _ = m.mtp[1](h1[:, :8], m.embed_tokens(ids[:, 2:]), *_cos_sin(m, 8))
     assert [t.shape[1] for t in out.mtp_logits] == [9, 8]
     assert torch.allclose(out.mtp_logits[1], m.lm_head(m.mtp[1].shared_head.norm(h2)), atol=1e-6)
 
@@ -123,12 +123,12 @@ def test_balance_loss_enters_gradient_inside_moe(tiny_cfg):
     x = torch.randn(2, 6, tiny_cfg.hidden_size)
     alpha = 0.3
     moe.balance_coef = alpha
-    moe(x).square().sum().backward()
+    moe(x)[0].square().sum().backward()
     with_loss = moe.gate.weight.grad.clone()
     moe.zero_grad()
     moe.balance_coef = 0.0
     _, idx, scores = moe.gate(x.reshape(-1, x.shape[-1]))
-    explicit = moe(x).square().sum() + alpha * sequence_balance_loss(scores.view(2, 6, -1), idx.view(2, 6, -1))
+    explicit = moe(x)[0].square().sum() + alpha * sequence_balance_loss(scores.view(2, 6, -1), idx.view(2, 6, -1))
     explicit.backward()
     assert torch.allclose(with_loss, moe.gate.weight.grad, atol=1e-6)
     assert not torch.allclose(with_loss, torch.zeros_like(with_loss))

@@ -7,8 +7,6 @@ hidden states between them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,13 +118,6 @@ class _AttachLoss(torch.autograd.Function):
         return grad, torch.ones((), device=grad.device, dtype=torch.float32)
 
 
-@dataclass
-class RouterStats:
-    """Filled by every MoE layer during a forward: tokens per expert and the balance loss value (detached)."""
-    counts: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: (E,) int64
-    balance_loss: list[torch.Tensor] = field(default_factory=list)
-
-
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,7 +128,12 @@ class MoE(nn.Module):
         # Coefficient of the sequence-wise balance loss; 0 disables it. Training sets α / grad-accumulation.
         self.balance_coef = 0.0
 
-    def forward(self, x: torch.Tensor, stats: RouterStats | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """-> output, tokens per expert (E,), and the balance loss value (detached; None when not attached).
+
+        Statistics are returned, not written into a shared object, so a torch.compile'd block sees no
+        mutable state (a list passed in would guard and recompile per layer).
+        """
         x_ND = x.reshape(-1, x.shape[-1])
         w_NK, idx_NK, scores_NE = self.gate(x_ND)
         y_ND, counts_E = self.experts(x_ND, w_NK, idx_NK)
@@ -148,8 +144,5 @@ class MoE(nn.Module):
         if self.balance_coef and x.dim() == 3 and torch.is_grad_enabled():
             bal = sequence_balance_loss(scores_NE.view(*x.shape[:2], -1), idx_NK.view(*x.shape[:2], -1))
             y = _AttachLoss.apply(y, bal * self.balance_coef)
-        if stats is not None:
-            stats.counts.append(counts_E)
-            if bal is not None:
-                stats.balance_loss.append(bal.detach())
-        return y
+            bal = bal.detach()
+        return y, counts_E, bal

@@ -14,7 +14,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.cache import PagedKV
 from dsv3.model.mla import MLA
-from dsv3.model.moe import MLP, MoE, RouterStats
+from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model import rope
 
@@ -27,10 +27,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, stats=None):
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        """-> hidden states, and for a MoE block (tokens per expert, balance loss value or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, stats) if isinstance(self.mlp, MoE) else self.mlp(h))
+        if isinstance(self.mlp, MoE):
+            y, counts, bal = self.mlp(h)
+            return x + y, (counts, bal)
+        return x + self.mlp(h), None
 
 
 class SharedHead(nn.Module):
@@ -53,9 +57,9 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin, mask=None, cache=None, stats=None):
+    def forward(self, h_prev, emb, cos, sin, mask=None, cache=None):
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        return super().forward(x, cos, sin, mask, cache, stats)
+        return super().forward(x, cos, sin, mask, cache)
 
 
 @dataclass
@@ -143,7 +147,7 @@ class Transformer(nn.Module):
         With a cache: input_ids (T,) flattened over sequences, positions (T,) required; logits only for
         `cache.logits_indices` rows when given.
         """
-        stats = RouterStats()
+        routes = []  # per MoE block: (tokens per expert, balance loss or None)
         mask = None
         if cache is not None:
             if positions is None:
@@ -157,20 +161,24 @@ class Transformer(nn.Module):
         cos, sin = rope.cos_sin(positions, self.rope_inv_freq, self.rope_factor)
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, stats)
+            h, route = layer(h, cos, sin, mask, cache)
+            routes.append(route)
         h = self.norm(h)
         out_h = h if cache is None or cache.logits_indices is None else h[cache.logits_indices]
-        mtp_logits = self._mtp(input_ids, h, cos, sin, mask, stats) if mtp else []
-        counts = torch.stack(stats.counts) if stats.counts else None
-        bal = torch.stack(stats.balance_loss).sum() if stats.balance_loss else None
+        mtp_logits = self._mtp(input_ids, h, cos, sin, mask, routes) if mtp else []
+        routes = [r for r in routes if r is not None]
+        counts = torch.stack([c for c, _ in routes]) if routes else None
+        bals = [b for _, b in routes if b is not None]
+        bal = torch.stack(bals).sum() if bals else None
         return ModelOutput(self.lm_head(out_h), h, mtp_logits, counts, bal)
 
-    def _mtp(self, input_ids, h, cos, sin, mask, stats):
+    def _mtp(self, input_ids, h, cos, sin, mask, routes):
         logits = []
         T = input_ids.shape[1]
         for k, layer in enumerate(self.mtp, start=1):
             n = T - k  # depth k predicts token i+k+1 from h^{k-1}_i and token i+k, for i < T-k
             m = None if mask is None else mask[:, :, :n, :n]
-            h = layer(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:, :n], sin[:, :n], m, None, stats)
+            h, route = layer(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:, :n], sin[:, :n], m)
+            routes.append(route)
             logits.append(self.lm_head(layer.shared_head.norm(h)))
         return logits
