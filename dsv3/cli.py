@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     qs = sub.add_parser("quickstart", help="train the tiny model on the shipped corpus (CPU, minutes) and talk to it")
     qs.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
-    qs.add_argument("--steps", type=int, default=480, help="optimizer steps of 16 × 256 tokens (default 480)")
+    qs.add_argument("--steps", type=int, default=960, help="optimizer steps of 8 × 256 tokens (default 960)")
     qs.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     qs.set_defaults(fn=cmd_quickstart)
 
