@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
 
-import dsv3
 from conftest import random_model, rel_err, small_v3
 from dsv3.kernels.grouped_mm import grouped_mm, grouped_mm_reference
 from dsv3.model import PagedKV
