@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-
 from dsv3.config import ModelConfig
 from dsv3.io.hf import build_model
 
