@@ -185,3 +185,11 @@ def test_bf16_cast_keeps_fp32_buffers(tiny_cfg):
     assert m.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert m.layers[1].mlp.gate.e_score_correction_bias[0].item() == torch.tensor(1e-3 + 1e-6).item()
     assert torch.equal(m.rope_inv_freq, freq)
+
+
+def test_group_score_equals_topk_two_sum_with_ties():
+    from dsv3.model.moe import _top2_sum
+    x = torch.randn(200, 8, 32, generator=torch.Generator().manual_seed(0))
+    x[0, 0, :3] = 5.0  # a tie at the top counts twice, as with topk
+    x[1, 1, :] = 0.25
+    assert torch.equal(_top2_sum(x), x.topk(2, dim=-1).values.sum(-1))

@@ -51,8 +51,7 @@ class Gate(nn.Module):
         if self.method != "greedy" and self.n_group > 1:
             choice_NGe = choice_NE.unflatten(-1, (self.n_group, -1))
             # noaux_tc scores a group (a node) by its top-2 sum; V2's group_limited_greedy by its max.
-            group_NG = (choice_NGe.topk(2, dim=-1).values.sum(-1) if self.method == "noaux_tc"
-                        else choice_NGe.amax(-1))
+            group_NG = _top2_sum(choice_NGe) if self.method == "noaux_tc" else choice_NGe.amax(-1)
             keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
             keep_NG.scatter_(1, group_NG.topk(self.topk_group, dim=-1).indices, True)
             choice_NE = choice_NGe.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).flatten(1)
@@ -61,6 +60,16 @@ class Gate(nn.Module):
         if self.norm:
             w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
         return w_NK * self.scale, idx_NK, scores_NE
+
+
+def _top2_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of the two largest values along the last dim (ties count twice, as topk(2) would).
+
+    Two max reductions instead of a topk: 6% of a compiled bench-684m step was spent in topk, and these fuse.
+    """
+    first = x.amax(-1, keepdim=True)
+    second = x.scatter(-1, x.argmax(-1, keepdim=True), float("-inf")).amax(-1, keepdim=True)
+    return (first + second).squeeze(-1)
 
 
 class Experts(nn.Module):
