@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from dsv3.config import ModelConfig
-from dsv3.io import fp8
-from dsv3.io.hf import _FP8_NAME, _read, _weight_map, write_checkpoint
+from dsv3.io.hf import close, export_tensors, fp8_quantization_config, read_tensor, weight_map, write_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -22,37 +21,15 @@ def convert(src: str | Path, dst: str | Path, to: str, ue8m0: bool = False,
         raise ValueError(f"to={to!r} must be 'bf16' or 'fp8'")
     src = Path(src)
     cfg = ModelConfig.from_json(src)
-    qcfg = None
-    if to == "fp8":
-        qcfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-        if ue8m0:
-            qcfg["scale_fmt"] = "ue8m0"
-    wm = _weight_map(src)
+    wm = weight_map(src)
     handles: dict = {}
-
-    def tensors():
-        for name, f in wm.items():
-            if name.endswith("_scale_inv"):
-                continue
-            t = _read(handles, f, name)
-            if t.dtype == fp8.FP8:
-                scale_name = name + "_scale_inv"
-                if scale_name not in wm:
-                    raise ValueError(f"{f}: FP8 tensor {name} has no {scale_name}")
-                t = fp8.dequantize(t, _read(handles, wm[scale_name], scale_name), torch.bfloat16, name)
-            if name.endswith("e_score_correction_bias"):
-                yield name, t.float()
-            elif to == "fp8" and _FP8_NAME.fullmatch(name):
-                q, s = fp8.quantize(t, ue8m0)
-                yield name, q
-                yield name + "_scale_inv", s
-            else:
-                yield name, t.to(torch.bfloat16)
-
+    # FP8 sources are dequantized to fp32 on read, then cast to bf16 or re-quantized from fp32.
+    named = ((name, read_tensor(handles, wm, name)) for name in wm if not name.endswith("_scale_inv"))
     extra = {n: src / n for n in TOKENIZER_FILES if (src / n).is_file()}
+    qcfg = fp8_quantization_config(ue8m0) if to == "fp8" else None
     try:
-        return write_checkpoint(dst, cfg.replace(quantization_config=qcfg), tensors(), "bfloat16",
+        return write_checkpoint(dst, cfg.replace(quantization_config=qcfg),
+                                export_tensors(named, torch.bfloat16, to == "fp8", ue8m0), "bfloat16",
                                 max_shard_bytes, extra)
     finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+        close(handles)

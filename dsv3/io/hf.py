@@ -98,7 +98,7 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ---- loading -----------------------------------------------------------------------------------------------
-def _weight_map(path: Path) -> dict[str, Path]:
+def weight_map(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -135,6 +135,22 @@ def _read(handles: dict, f: Path, name: str) -> torch.Tensor:
         raise ValueError(f"{f}: tensor {name} could not be read ({e})") from None
 
 
+def read_tensor(handles: dict, wm: dict[str, Path], name: str) -> torch.Tensor:
+    """One checkpoint tensor; FP8 weights come back dequantized to fp32 with their `_scale_inv` blocks."""
+    t = _read(handles, wm[name], name)
+    if t.dtype == fp8.FP8:
+        scale_name = name + "_scale_inv"
+        if scale_name not in wm:
+            raise ValueError(f"{wm[name]}: FP8 tensor {name} has no {scale_name}")
+        t = fp8.dequantize(t, _read(handles, wm[scale_name], scale_name), torch.float32, name)
+    return t
+
+
+def close(handles: dict) -> None:
+    for h in handles.values():
+        h.__exit__(None, None, None)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                config: ModelConfig | None = None) -> Transformer:
     """A directory of config.json + (sharded) safetensors in the Hugging Face layout -> Transformer in eval mode."""
@@ -142,7 +158,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     cfg = config or ModelConfig.from_json(path)
-    wm = _weight_map(path)
+    wm = weight_map(path)
     mtp_names = [n for n in wm if (m := _LAYER.fullmatch(n)) and int(m.group(1)) >= cfg.num_hidden_layers]
     if cfg.num_nextn_predict_layers and not any(not n.endswith(("embed_tokens.weight", "head.weight"))
                                                   for n in mtp_names):
@@ -154,24 +170,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     filled: dict[str, int] = {}  # our key -> elements written (stacked experts are filled in slices)
     unexpected, mis_shaped, handles = [], [], {}
     try:
-        for name, f in wm.items():
+        for name in wm:
             if name.endswith("_scale_inv"):
                 continue  # consumed with its weight
             target = our_name(name, cfg)
             if target is None:
                 continue
             key, where = target
-            t = _read(handles, f, name)
+            t = read_tensor(handles, wm, name)
             if key not in params:
                 # transformers writes zero-size shared experts when n_shared_experts is 0: ignore only those.
                 if not ("shared_experts" in name and t.numel() == 0 and not cfg.n_shared_experts):
                     unexpected.append(name)
                 continue
-            if t.dtype == fp8.FP8:
-                scale_name = name + "_scale_inv"
-                if scale_name not in wm:
-                    raise ValueError(f"{f}: FP8 tensor {name} has no {scale_name}")
-                t = fp8.dequantize(t, _read(handles, wm[scale_name], scale_name), torch.float32, name)
             dst = params[key].data if where is None else params[key].data[where]
             if tuple(t.shape) != tuple(dst.shape):
                 mis_shaped.append(f"{name}: checkpoint {tuple(t.shape)}, model {tuple(dst.shape)}")
@@ -180,8 +191,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             dst.copy_(t)
             filled[key] = filled.get(key, 0) + t.numel()
     finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+        close(handles)
     missing = [k for k, p in params.items() if k in _persistent(model) and filled.get(k, 0) != p.numel()]
     problems = []
     if missing:
@@ -223,29 +233,35 @@ def _materialize(model: Transformer, device) -> Transformer:
 
 
 # ---- saving ------------------------------------------------------------------------------------------------
+def fp8_quantization_config(ue8m0: bool = False) -> dict:
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+            **({"scale_fmt": "ue8m0"} if ue8m0 else {})}
+
+
+def export_tensors(named, dtype: torch.dtype, fp8_blocks: bool, ue8m0: bool):
+    """Checkpoint tensors as DeepSeek stores them: balance biases fp32; decoder-layer linear weights as e4m3 +
+    `weight_scale_inv` when `fp8_blocks`; everything else in `dtype`."""
+    for name, t in named:
+        t = t.detach()
+        if name.endswith("e_score_correction_bias"):
+            yield name, t.float()
+        elif fp8_blocks and _FP8_NAME.fullmatch(name):
+            q, s = fp8.quantize(t, ue8m0)
+            yield name, q
+            yield name + "_scale_inv", s
+        else:
+            yield name, t.to(dtype)
+
+
 def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None = None, fp8_blocks: bool = False,
                ue8m0: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write config.json + sharded safetensors + index, atomically (temp dir, then rename)."""
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
     if fp8_blocks:
-        cfg = cfg.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                               "weight_block_size": [128, 128]}
-                          | ({"scale_fmt": "ue8m0"} if ue8m0 else {}))
-
-    def tensors():
-        for name, t in hf_tensors(model):
-            t = t.detach()
-            if name.endswith("e_score_correction_bias"):
-                yield name, t.float()
-            elif fp8_blocks and _FP8_NAME.fullmatch(name):
-                q, s = fp8.quantize(t, ue8m0)
-                yield name, q
-                yield name + "_scale_inv", s
-            else:
-                yield name, t.to(dtype)
-
-    return write_checkpoint(path, cfg, tensors(), str(dtype).removeprefix("torch."), max_shard_bytes)
+        cfg = cfg.replace(quantization_config=fp8_quantization_config(ue8m0))
+    return write_checkpoint(path, cfg, export_tensors(hf_tensors(model), dtype, fp8_blocks, ue8m0),
+                            str(dtype).removeprefix("torch."), max_shard_bytes)
 
 
 def write_checkpoint(path: str | Path, cfg: ModelConfig, tensors, dtype_name: str,

@@ -50,6 +50,7 @@ class Trainer:
                                    else cfg.device)
         if self.device.type == "cpu":
             keep_freed_memory()
+        self.autocast = cfg.autocast and self.device.type == "cuda"  # bf16 autocast exists for GPU runs only
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             (self.run_dir / "run.json").write_text(cfg.to_json())
@@ -112,8 +113,7 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------------------
     def _forward_loss(self, batch, lam: float):
-        autocast = self.cfg.autocast and self.device.type == "cuda"
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             out = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None,
                              mtp=len(self.model.mtp) > 0)
         main = next_token_loss(out.logits, batch.labels)
@@ -161,8 +161,7 @@ class Trainer:
         losses = []
         for batch in self.val_loader.eval_batches(self.cfg.eval_batches):
             batch = batch.to(self.device)
-            with torch.autocast(self.device.type, torch.bfloat16,
-                                enabled=self.cfg.autocast and self.device.type == "cuda"):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None)
             losses.append(next_token_loss(out.logits, batch.labels).item())
         self.model.train()
