@@ -40,15 +40,22 @@ def main():
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="γ for the bias run")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
+    p.add_argument("--data", nargs="*", default=[], help="training text (default: the shipped corpus)")
+    p.add_argument("--tag", default="", help="appended to the result file names (e.g. the corpus)")
     args = p.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_balance_"))
-    results = {}
+    results, first = {}, None
     for mode in MODES:
         out = work / mode
         shutil.rmtree(out, ignore_errors=True)
+        if first is not None:  # same BPE and token files as the first run: train and tokenize once
+            shutil.copytree(first / "tokenizer", out / "tokenizer")
+            shutil.copytree(first / "data", out / "data")
+        first = first or out
         cfg = TrainConfig(preset=args.preset, out=str(out), steps=args.steps, batch_size=args.batch_size,
                           micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                          data=args.data,
                           lr=args.lr, warmup=max(1, args.steps // 20), balance=mode, mtp=False,
                           bias_update_rate=args.bias_update_rate, eval_every=args.steps, eval_batches=20,
                           save_every=args.steps, keep=1, threads=args.threads)
@@ -68,7 +75,8 @@ def main():
     for mode, r in results.items():
         print(f"{mode:<8}{r['maxvio_last20pct']:>20.3f}{r['val_loss']:>10.4f}{r['tokens_per_s']:>11,.0f}")
 
-    stem = Path(__file__).parent / "results" / f"bench_balance_{args.preset}_{device}"
+    tag = f"_{args.tag}" if args.tag else ""
+    stem = Path(__file__).parent / "results" / f"bench_balance_{args.preset}_{device}{tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     import matplotlib
@@ -79,7 +87,7 @@ def main():
         steps, vio = zip(*r["maxvio_curve"])
         ax.plot(steps, vio, label=f"{mode} (val loss {r['val_loss']:.3f})", lw=0.9)
     ax.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", yscale="log",
-           title=f"expert load balance, {args.preset}")
+           title=f"expert load balance, {args.preset}{' on ' + args.tag if args.tag else ''}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=110)

@@ -1,13 +1,15 @@
 """Training-step throughput of dsv3 vs. transformers' DeepseekV3ForCausalLM on the same config.
 
-One step = forward (MTP off) + fp32 cross-entropy on the next token + backward + AdamW step, on random token
-ids (fixed seed, the same batches for both models). The peer starts from a copy of our initial weights, so
+One step = forward (MTP off) + cross-entropy on the next token (computed in fp32; each model with its own
+project's loss: dsv3's chunked one, transformers' `F.cross_entropy(logits.float())`) + backward + AdamW step, on
+random token ids (fixed seed, the same batches for both models). The peer starts from a copy of our initial weights, so
 both models route the same tokens to the same experts (and the first losses should agree). Each model is timed
 in its own loop after `--warmup` untimed steps; reported: tokens/s, ms/step, peak memory (CUDA: max allocated,
 reset per model; CPU: the process's max RSS so far, which only grows) and, on CUDA, MFU against 989 TFLOP/s
 (H100 bf16 dense) with dsv3.info's training FLOPs/token (6·N_active + 6·L·H·(Dqk + Dv)·T, causal).
 
   python benchmarks/bench_forward.py --preset tiny --steps 5 --warmup 2                  # CPU, fp32, 4 x 256
+  python benchmarks/bench_forward.py --preset tiny --batch-size 16 --dtype amp            # CPU, bf16 autocast
   python benchmarks/bench_forward.py --preset bench-684m --batch-size 8 --seq-len 2048   # CUDA, bf16
 Results go to benchmarks/results/bench_forward_<preset>_<device>.json.
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dsv3 import Transformer, preset  # noqa: E402
 from dsv3.info import model_stats  # noqa: E402
 from dsv3.train.loop import keep_freed_memory  # noqa: E402
+from dsv3.train.objective import next_token_loss  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense
 
@@ -42,7 +45,9 @@ def parse_args():
     p.add_argument("--seq-len", type=int, default=2048 if cuda else 256)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "amp"), default=None,
+                   help="parameters in bf16 or fp32, or amp: fp32 parameters under bf16 autocast, for both models "
+                        "(default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="also time transformers' DeepseekV3ForCausalLM")
     p.add_argument("--ours", default=None,
@@ -67,7 +72,7 @@ def build_ours(cfg, device, dtype, compile_, keep_init):
     model = model.to(dtype)
     init_sd = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if keep_init else None
     fwd = torch.compile(model) if compile_ else model
-    return model, (lambda ids: fwd(ids, mtp=False).logits), init_sd
+    return model, (lambda ids: next_token_loss(fwd(ids[:, :-1], mtp=False).logits, ids[:, 1:])), init_sd
 
 
 def build_peer(cfg, device, dtype, init_sd):
@@ -87,10 +92,17 @@ def build_peer(cfg, device, dtype, init_sd):
     hf_cfg._experts_implementation = "grouped_mm"  # transformers 5: integrations/moe.py ExpertsInterface
     model = DeepseekV3ForCausalLM(hf_cfg).to(device=device, dtype=dtype)
     # Same names as ours below `model.` (stacked experts included): start from our initial weights.
-    model.load_state_dict({(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in init_sd.items()})
+    missing, unexpected = model.load_state_dict(
+        {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in init_sd.items()}, strict=False)
+    # transformers' V3 router always has a selection bias; a V2-style (greedy, softmax) config has none: zeros.
+    if unexpected or any(not k.endswith("e_score_correction_bias") for k in missing):
+        raise RuntimeError(f"weights do not map onto transformers' model: missing {missing}, unexpected {unexpected}")
     impl = {"attn": model.config._attn_implementation,
             "experts": getattr(model.config, "_experts_implementation", "n/a")}
-    return model, (lambda ids: model(input_ids=ids, use_cache=False).logits), impl
+    def loss(ids):  # what transformers' ForCausalLMLoss computes: fp32 logits, mean cross-entropy
+        logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    return model, loss, impl
 
 
 def peak_memory(device) -> float:
@@ -100,15 +112,15 @@ def peak_memory(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def time_model(name, model, forward, batches, args):
+def time_model(name, model, loss_fn, batches, args):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=args.device == "cuda")
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     losses = []
 
     def step(ids):
-        logits = forward(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        with torch.autocast(args.device, torch.bfloat16, enabled=getattr(args, "dtype", None) == "amp"):
+            loss = loss_fn(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -146,7 +158,7 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = args.device, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    device, dtype = args.device, {"bf16": torch.bfloat16, "fp32": torch.float32, "amp": torch.float32}[args.dtype]
     cfg = preset(args.preset).replace(num_nextn_predict_layers=0)
     stats = model_stats(cfg, args.seq_len)
     flops_per_token = stats["training_flops_per_token"]
@@ -192,7 +204,7 @@ def main():
     machine = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "transformers": transformers.__version__,
                "cpu_threads": torch.get_num_threads(), "python": platform.python_version()}
-    tag = f"{args.preset}_{device}"
+    tag = f"{args.preset}_{device}" + ("_amp" if args.dtype == "amp" else "")
     out = Path(__file__).parent / "results" / f"bench_forward_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "config": cfg.to_hf_dict(), "machine": machine,

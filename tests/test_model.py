@@ -2,12 +2,14 @@
 balance loss's autograd entry, grouped GEMM."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
 
 from conftest import random_model, rel_err, small_v3
+from dsv3.kernels.cross_entropy import cross_entropy
 from dsv3.kernels.grouped_mm import grouped_mm, grouped_mm_reference
 from dsv3.model import PagedKV
 from dsv3.model.moe import MoE, sequence_balance_loss
@@ -142,6 +144,32 @@ def test_router_stats_count_every_routed_token(tiny_cfg):
     main, mtp = out.expert_counts[:-1], out.expert_counts[-1]
     assert (main.sum(-1) == 30 * tiny_cfg.num_experts_per_tok).all()
     assert mtp.sum() == 27 * tiny_cfg.num_experts_per_tok
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cross_entropy_matches_torch(dtype, fused, monkeypatch):
+    import dsv3.kernels.cross_entropy as ce
+    monkeypatch.setattr(ce, "_chunks", lambda n, v: (slice(s, s + 7) for s in range(0, n, 7)))  # ragged chunks
+    if fused:  # the GPU path's math (compiled there), run eagerly here
+        monkeypatch.setattr(ce, "_fused", lambda logits: True)
+        monkeypatch.setattr(ce, "_compiled", lambda: (ce._logsumexp, ce._grad))
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(30, 50, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(50, (30,), generator=g)
+    labels[::4] = -100  # ignored rows: no loss, no gradient
+    weight = torch.rand(30, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
+    ours, ref = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    nll = cross_entropy(ours, labels)
+    ref_nll = F.cross_entropy(ref, labels, reduction="none")
+    (nll.double() * weight).sum().backward()
+    (ref_nll * weight).sum().backward()
+    assert nll.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert torch.allclose(nll.double(), ref_nll, atol=tol) and (nll[::4] == 0).all()
+    assert ours.grad.dtype == dtype and torch.allclose(ours.grad.double(), ref.grad, atol=tol)
+    with pytest.raises(ValueError, match="logits \\(N, V\\) and labels \\(N,\\)"):
+        cross_entropy(logits, labels[:5])
 
 
 def test_grouped_mm_matches_per_group_matmul():

@@ -137,5 +137,7 @@ def test_bad_input_errors(tmp_path):
         Trainer(_cfg(tmp_path, out="r2", data=[str(tmp_path / "nope.txt")]))
     with pytest.raises(ValueError, match="micro_batch_size"):
         TrainConfig(batch_size=6, micro_batch_size=4)
+    with pytest.raises(ValueError, match="--balance bias needs .*topk_method='greedy'"):
+        Trainer(_cfg(tmp_path, out="r3", preset="deepseek-v2-lite", balance="bias"))
     r = subprocess.run([sys.executable, "-m", "dsv3", "train", "--bogus-flag"], capture_output=True, text=True)
     assert r.returncode == 2 and "unrecognized arguments: --bogus-flag" in r.stderr

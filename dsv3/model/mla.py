@@ -69,10 +69,14 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.dr)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # (B, H, T, Dv)
-        # V's head dim differs from Q/K's; on Hopper SDPA's cuDNN backend takes that as is (faster than
-        # padding V for flash attention: 1.22 vs 1.47 ms per layer at bench-684m, forward + backward).
+        # V's head dim differs from Q/K's. On Hopper SDPA's cuDNN backend takes that as is (faster than padding V
+        # for flash attention: 1.22 vs 1.47 ms per layer at bench-684m, forward + backward). On a CPU only the
+        # flash kernel handles masks without materializing the (T, T) scores, and it wants V padded to Q's width
+        # (tiny, 16 x 256: 22 vs 33 ms per layer, forward + backward).
+        pad = q.shape[-1] - self.dv if q.device.type == "cpu" else 0
+        v = F.pad(v, (0, pad)) if pad > 0 else v
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return o.transpose(1, 2)  # (B, T, H, Dv)
+        return o[..., :self.dv].transpose(1, 2)  # (B, T, H, Dv)
 
     def _absorbed(self, q_nope, q_pe, cache: PagedKV):
         H = self.n_heads

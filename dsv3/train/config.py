@@ -16,6 +16,7 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     tokenizer: str | None = None
     vocab_size: int = 4096
+    model_vocab_size: int = 0  # 0: the tokenizer's size, padded to a multiple of 64
     seq_len: int = 256
     fim_rate: float = 0.1
     val_fraction: float = 0.02
@@ -35,7 +36,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     init_std: float = 0.006
     # DeepSeek-V3 specifics
-    balance: str = "bias"
+    balance: str = "auto"
     bias_update_rate: float = 1e-3
     seq_aux_alpha: float = 1e-4
     aux_alpha: float = 1e-2
@@ -53,7 +54,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     param_dtype: str = "fp32"
-    autocast: bool = True
+    autocast: bool | None = None  # None: on for GPU runs, off on CPU (fp32)
     compile: bool = False
     activation_checkpointing: bool = False
     threads: int | None = None
@@ -68,7 +69,7 @@ class TrainConfig:
         mb = self.micro_batch_size or self.batch_size
         if mb <= 0 or self.batch_size % mb:
             bad("micro_batch_size", f"must divide batch_size={self.batch_size}")
-        for name, allowed in (("schedule", ("cosine", "wsd")), ("balance", ("bias", "aux", "none")),
+        for name, allowed in (("schedule", ("cosine", "wsd")), ("balance", ("auto", "bias", "aux", "none")),
                               ("param_dtype", ("fp32", "bf16"))):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")
@@ -91,6 +92,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--data", nargs="+", help=".txt / .jsonl (optionally .xz/.gz) files or directories (default: shipped corpus)")
     a("--tokenizer", help="directory with tokenizer.json to use instead of training a BPE")
     a("--vocab-size", type=int, help="BPE vocabulary size when training a tokenizer (tokens; default 4096)")
+    a("--model-vocab-size", type=int,
+      help="embedding rows when larger than the tokenizer's (room for added tokens, or a peer's config); "
+           "default: the tokenizer's size, padded to a multiple of 64")
     a("--seq-len", type=int, help="training sequence length (tokens; default 256)")
     a("--fim-rate", type=float, help="fraction of documents rewritten fill-in-the-middle (default 0.1)")
     a("--val-fraction", type=float, help="fraction of documents held out for validation (default 0.02)")
@@ -106,8 +110,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     a("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
     a("--init-std", type=float, help="init std of every matrix and embedding (default 0.006, as V3)")
-    a("--balance", choices=("bias", "aux", "none"),
-      help="bias: aux-loss-free bias updates + sequence-wise loss α (V3); aux: V2-style balance loss only; none")
+    a("--balance", choices=("auto", "bias", "aux", "none"),
+      help="bias: aux-loss-free bias updates + sequence-wise loss α (V3); aux: V2-style balance loss only; none; "
+           "auto (default): bias where the router selects with a bias (topk_method noaux_tc), else aux")
     a("--bias-update-rate", type=float, help="γ of the bias update per step (default 1e-3)")
     a("--seq-aux-alpha", type=float, help="α of the complementary sequence-wise loss with --balance bias (1e-4)")
     a("--aux-alpha", type=float, help="α of the balance loss with --balance aux (default 1e-2)")
@@ -124,7 +129,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="seed of init, data order and FIM (default 0)")
     a("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     a("--param-dtype", choices=("fp32", "bf16"), help="parameter dtype on GPU (default fp32 master weights)")
-    a("--autocast", action=argparse.BooleanOptionalAction, help="bf16 autocast on GPU (default on)")
+    a("--autocast", action=argparse.BooleanOptionalAction,
+      help="bf16 autocast over the parameters (default: on for GPU, off on CPU; on a CPU with native bf16 "
+           "matmuls, such as AVX512-BF16 or AMX, it trains faster)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block (GPU)")
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute blocks in backward")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsv3.config import preset
+from dsv3.config import ModelConfig, preset
 from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import corpus_fingerprint, read_documents
 from dsv3.data.loader import PackedLoader
@@ -50,7 +50,7 @@ class Trainer:
                                    else cfg.device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.autocast = cfg.autocast and self.device.type == "cuda"  # bf16 autocast exists for GPU runs only
+        self.autocast = self.device.type == "cuda" if cfg.autocast is None else cfg.autocast
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             (self.run_dir / "run.json").write_text(cfg.to_json())
@@ -90,10 +90,17 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.param_dtype == "bf16" and self.device.type == "cuda" else torch.float32
+        arch = ModelConfig.from_json(cfg.init_from) if cfg.init_from else preset(cfg.preset)
+        biased = arch.topk_method == "noaux_tc"  # the router adds e_score_correction_bias to select experts
+        self.balance = cfg.balance if cfg.balance != "auto" else "bias" if biased else "aux"
+        if self.balance == "bias" and not biased:  # checked before any weights are allocated
+            raise ValueError(f"--balance bias needs a router that selects experts with a bias (topk_method "
+                             f"'noaux_tc'); this model routes with topk_method={arch.topk_method!r}: "
+                             "use --balance aux or none")
         if cfg.init_from:
             model = load_model(cfg.init_from, device=self.device, dtype=dtype)  # its config.json wins
         else:
-            mcfg = preset(cfg.preset).with_vocab(self.tokenizer.vocab_size)
+            mcfg = arch.with_vocab(max(self.tokenizer.vocab_size, cfg.model_vocab_size))
             model = Transformer(mcfg if cfg.mtp else mcfg.replace(num_nextn_predict_layers=0))
             model.init_weights(std=cfg.init_std)
             model = model.to(self.device, dtype)
@@ -126,7 +133,7 @@ class Trainer:
         lr, lam = lr_at(self.step, cfg), mtp_lambda_at(self.step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        alpha = {"bias": cfg.seq_aux_alpha, "aux": cfg.aux_alpha, "none": 0.0}[cfg.balance]
+        alpha = {"bias": cfg.seq_aux_alpha, "aux": cfg.aux_alpha, "none": 0.0}[self.balance]
         set_balance_loss(self.model, alpha / accum)
         sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         counts = None
@@ -144,7 +151,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if counts is not None and cfg.balance == "bias":
+        if counts is not None and self.balance == "bias":
             update_balance_bias(self.model, counts, cfg.bias_update_rate)
         self.step += 1
         rec = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm)}

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from dsv3.kernels.cross_entropy import cross_entropy
 from dsv3.model import Transformer
 
 
 def next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in fp32 over all positions."""
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten())
+    """Mean cross-entropy (computed in fp32) over all positions."""
+    return cross_entropy(logits_BTV.flatten(0, 1), labels_BT.flatten()).mean()
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.T
     B, T = labels_BT.shape
     total = 0.0
     for k, logits in enumerate(mtp_logits, start=1):
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels_BT[:, k:].flatten(), reduction="sum")
+        nll = cross_entropy(logits.flatten(0, 1), labels_BT[:, k:].flatten()).sum()
         total = total + nll / (B * T)
     return total / len(mtp_logits)
 
