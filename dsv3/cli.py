@@ -47,6 +47,11 @@ def cmd_plot(args) -> None:
     print(f"wrote {plot_run(Path(args.run_dir), args.out)}")
 
 
+def cmd_generate(args) -> None:
+    from dsv3.infer.generate import run
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -75,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--steps", type=int, default=960, help="optimizer steps of 8 × 256 tokens (default 960)")
     qs.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     qs.set_defaults(fn=cmd_quickstart)
+
+    from dsv3.infer import generate
+    gen = sub.add_parser("generate", help="complete a prompt or fill in the middle with a checkpoint (streams text)")
+    generate.add_args(gen)
+    gen.set_defaults(fn=cmd_generate)
 
     plot = sub.add_parser("plot", help="PNG of a run's loss, learning rate and expert-load balance")
     plot.add_argument("run_dir", help="a run directory written by dsv3 train")

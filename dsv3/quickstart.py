@@ -8,10 +8,8 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
-from dsv3.io import load_model
-from dsv3.tokenizer import Tokenizer
+from dsv3.infer.llm import LLM
+from dsv3.infer.sampler import SamplingParams
 from dsv3.train.checkpoint import checkpoints, read_manifest
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import Trainer
@@ -28,23 +26,6 @@ def quickstart_config(out: str, steps: int, threads: int | None) -> TrainConfig:
                        save_every=steps, threads=threads)
 
 
-@torch.no_grad()
-def sample(model, tokenizer: Tokenizer, prompt: str, n_tokens: int, temperature: float = 0.8, top_k: int = 40,
-           seed: int = 0) -> str:
-    """Plain top-k sampling with full recomputation (the inference engine does this properly)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = tokenizer.encode(prompt, add_bos=True)
-    for _ in range(n_tokens):
-        logits = model(torch.tensor([ids[-model.config.max_position_embeddings:]])).logits[0, -1].float()
-        top = logits.topk(top_k)
-        probs = torch.softmax(top.values / temperature, -1)
-        nxt = top.indices[torch.multinomial(probs, 1, generator=g)].item()
-        if nxt == tokenizer.eos_id:
-            break
-        ids.append(nxt)
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
 def quickstart(out: str = "runs/quickstart", steps: int = 960, threads: int | None = None) -> dict:
     cfg = quickstart_config(out, steps, threads)
     done = checkpoints(Path(out))
@@ -58,16 +39,16 @@ def quickstart(out: str = "runs/quickstart", steps: int = 960, threads: int | No
             cfg.resume = True
         summary = Trainer(cfg).run()
     ckpt = Path(summary["checkpoint"])
-    model = load_model(ckpt).eval()
-    tok = Tokenizer.from_dir(ckpt)
     val, uni = summary["val_loss"], summary["unigram_loss"]
     print(f"\nvalidation loss {val:.3f} nats/token (perplexity {math.exp(val):.1f}) vs. unigram baseline "
           f"{uni:.3f} (perplexity {math.exp(uni):.1f}): {val / uni:.2f}× the unigram loss")
     print(f"checkpoint: {ckpt}\nloss plot:  {summary['plot']}\n")
     print("sample (temperature 0.8, top-k 40):\n" + "-" * 60)
-    print(sample(model, tok, "ROMEO.\n", 120))
+    text = LLM(ckpt, device="cpu").generate("ROMEO.\n", SamplingParams(temperature=0.8, top_k=40, max_tokens=120,
+                                                                       seed=0), use_tqdm=False)[0].outputs[0].text
+    print("ROMEO.\n" + text)
     print("-" * 60)
-    print(f"next: dsv3 info {ckpt}      (chat and serve verbs arrive with the inference engine)")
+    print(f"next: dsv3 generate {ckpt} --prompt 'JULIET.'\n      dsv3 info {ckpt}")
     result = {"val_loss": val, "unigram_loss": uni, "val_over_unigram": val / uni, "checkpoint": str(ckpt),
               "plot": summary["plot"]}
     print(json.dumps(result))

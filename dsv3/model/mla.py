@@ -2,8 +2,9 @@
 
 Two paths, side by side as in the paper:
   - expanded (training, full sequences): up-project c_kv to per-head K/V and call scaled_dot_product_attention;
-  - absorbed (with a PagedKV cache): attend over the cached latent directly, W_UK folded into the query and
-    W_UV applied after attention, so K/V are never expanded.
+  - with a PagedKV cache (inference): prefill chunks up-project their cached prefix and use SDPA like training;
+    decode tokens attend over the cached latent directly, W_UK folded into the query and W_UV applied after
+    attention, so K/V are never expanded (absorbed).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class MLA(nn.Module):
             o = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
         else:
             cache.write(self.layer_idx, c_kv, k_pe)
-            o = self._absorbed(q_nope, q_pe, cache)
+            o = self._paged(q_nope, q_pe, cache)
         return self.o_proj(o.flatten(-2))
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
@@ -78,23 +79,47 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return o[..., :self.dv].transpose(1, 2)  # (B, T, H, Dv)
 
-    def _absorbed(self, q_nope, q_pe, cache: PagedKV):
+    def _paged(self, q_nope, q_pe, cache: PagedKV):
+        """Attention of the flat batch's new tokens over their sequences' cached latents: (T, H, Dv).
+
+        Sequences with several new tokens (prefill chunks, speculative verification) take the expanded path
+        over their cached prefix; single-token decode rows are batched through the absorbed path.
+        """
+        out = q_nope.new_empty(*q_nope.shape[:2], self.dv)
+        decode = []
+        for b, (s0, s1) in enumerate(zip(cache.query_start, cache.query_start[1:])):
+            if s1 - s0 == 1:
+                decode.append(b)
+            elif s1 > s0:
+                out[s0:s1] = self._prefill(q_nope[s0:s1], q_pe[s0:s1], cache.gather(self.layer_idx, b))
+        if decode:
+            rows = torch.tensor([cache.query_start[b] for b in decode], device=q_nope.device)
+            lat_BSL, len_B = cache.gather_batch(self.layer_idx, decode)
+            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], lat_BSL.to(q_nope.dtype), len_B)
+        return out
+
+    def _prefill(self, q_nope, q_pe, lat_SL):
+        """Tb new tokens (the last Tb of the S cached ones) attend causally over all S: expanded K/V, SDPA."""
+        Tb, H, S = q_nope.shape[0], self.n_heads, lat_SL.shape[0]
+        lat_SL = lat_SL.to(q_nope.dtype)
+        c_kv, k_pe = lat_SL[:, : self.c], lat_SL[:, self.c:]
+        k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (H, self.dn + self.dv)).split((self.dn, self.dv), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # (H, Tb, Dn+Dr)
+        k = torch.cat((k_nope, k_pe[:, None].expand(S, H, self.dr)), dim=-1).transpose(0, 1)  # (H, S, Dn+Dr)
+        # New token i sits at cache position S - Tb + i and sees keys up to there.
+        mask = torch.arange(S, device=q.device) <= torch.arange(S - Tb, S, device=q.device)[:, None]  # (Tb, S)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=mask, scale=self.scale)
+        return o.transpose(0, 1)  # (Tb, H, Dv)
+
+    def _absorbed(self, q_nope, q_pe, lat_BSL, len_B):
+        """One new token per sequence over its S_b cached latents (padded to S): W_UK folded into the query,
+        W_UV applied after attention (SPEC §4.4), so per-head K/V are never formed. (B, H, Dv)"""
         H = self.n_heads
         w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.c)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]  # (H, Dn, C), (H, Dv, C)
-        q_c = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # W_UK absorbed into the query: (T, H, C)
-        out = q_c.new_empty(q_c.shape)
-        # NOTE: a reference loop over sequences; the inference engine replaces it with a paged kernel.
-        for b, (s0, s1) in enumerate(zip(cache.query_start, cache.query_start[1:])):
-            if s0 == s1:
-                continue
-            lat = cache.gather(self.layer_idx, b).to(q_c.dtype)  # (S, C+Dr)
-            c_kv, k_pe = lat[:, : self.c], lat[:, self.c:]
-            scores = (torch.einsum("thc,sc->hts", q_c[s0:s1], c_kv)
-                      + torch.einsum("thr,sr->hts", q_pe[s0:s1], k_pe)) * self.scale  # (H, Tb, S)
-            S, Tb = c_kv.shape[0], s1 - s0
-            # New token i sits at cache position S - Tb + i and sees keys up to there.
-            causal = torch.arange(S, device=lat.device) <= torch.arange(S - Tb, S, device=lat.device)[:, None]
-            p = scores.float().masked_fill(~causal, float("-inf")).softmax(-1).to(q_c.dtype)
-            out[s0:s1] = torch.einsum("hts,sc->thc", p, c_kv)
-        return torch.einsum("thc,hvc->thv", out, w_uv)  # W_UV after attention: (T, H, Dv)
+        c_kv, k_pe = lat_BSL[..., : self.c], lat_BSL[..., self.c:]
+        q_c = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)  # (B, H, C)
+        scores = (torch.einsum("bhc,bsc->bhs", q_c, c_kv) + torch.einsum("bhr,bsr->bhs", q_pe, k_pe)) * self.scale
+        pad = torch.arange(lat_BSL.shape[1], device=lat_BSL.device) >= len_B[:, None]  # (B, S)
+        p = scores.float().masked_fill(pad[:, None], float("-inf")).softmax(-1).to(q_c.dtype)
+        return torch.einsum("bhc,hvc->bhv", torch.einsum("bhs,bsc->bhc", p, c_kv), w_uv)

@@ -1,0 +1,1 @@
+"""Inference: paged latent KV cache, scheduler, engine, sampling."""

@@ -1,0 +1,208 @@
+"""The inference engine: requests in, streamed completions out, over a paged latent KV cache.
+
+`step()` = schedule (which sequences, how many tokens) → one forward of the flat batch through the model with
+the cache → sample the sequences that reached their last known token → detokenize, check stops, free what
+finished. Requests join and leave between any two steps. The server, `dsv3 generate`, `LLM` and GRPO's
+sampling all drive this one loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv3.infer.detokenizer import IncrementalDetokenizer
+from dsv3.infer.kv_cache import BlockPool, allocate_pools, bytes_per_token, default_cache_bytes
+from dsv3.infer.sampler import SamplingParams, TokenLogprobs, sample
+from dsv3.infer.scheduler import Scheduler, Sequence
+from dsv3.model import PagedKV, Transformer
+from dsv3.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    block_size: int = 64  # tokens per cache block (= the context-cache unit of the server)
+    num_blocks: int | None = None  # None: from cache_memory_fraction of the free memory, at most what
+    # max_num_seqs sequences of full context need
+    cache_memory_fraction: float = 0.8  # of free GPU memory (or available host memory on a CPU)
+    max_num_seqs: int = 256  # sequences in one forward
+    max_batched_tokens: int = 2048  # tokens in one forward (prefill chunks + decode tokens)
+    seed: int = 0  # of the generators of requests that give no seed
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 < self.cache_memory_fraction <= 1:
+            raise ValueError(f"cache_memory_fraction={self.cache_memory_fraction} must be in (0, 1]")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # everything emitted so far
+    token_ids: list[int]
+    delta_text: str = ""  # emitted in this step
+    delta_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length", "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 model_id: str | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = cfg = config or EngineConfig()
+        mcfg = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_len = mcfg.max_position_embeddings
+        per_block = bytes_per_token(mcfg, self.dtype) * cfg.block_size
+        enough = cfg.max_num_seqs * -(-self.max_len // cfg.block_size)
+        num_blocks = cfg.num_blocks or min(enough, default_cache_bytes(self.device, cfg.cache_memory_fraction) // per_block)
+        # The prefix cache is only sound between identical models: name it by the config and the weights' shapes
+        # and a fingerprint of a few values (cheap; a different checkpoint of the same shape differs there).
+        model_id = model_id or _fingerprint(model)
+        self.pool = BlockPool(num_blocks, cfg.block_size, model_id)
+        self.kv = allocate_pools(mcfg, num_blocks, cfg.block_size, mcfg.num_hidden_layers, self.dtype, self.device)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_batched_tokens)
+        self.requests: dict[str, list[Sequence]] = {}
+        self._rng = torch.Generator().manual_seed(cfg.seed)
+        self._next_id = itertools.count()
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_len}")
+        if (bad := [t for t in ids if not 0 <= t < self.model.config.vocab_size]):
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
+        request_id = request_id or f"req-{next(self._next_id)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        seqs = []
+        for i in range(params.n):
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=self._rng))
+            g = torch.Generator(self.device).manual_seed(hash((seed, i)) & (2**62 - 1))
+            seq = Sequence(request_id, i, ids, params, g, wait_for=seqs[0] if seqs else None)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its blocks go back to the pool at once."""
+        for seq in self.requests.pop(request_id, []):
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_work():
+                raise RuntimeError("the KV cache cannot hold a single sequence: raise num_blocks")
+            return []
+        sampling = [s for s, n in zip(batch.seqs, batch.query_lens) if s.num_computed + n == len(s.all_ids)]
+        logits = self._forward(batch, sampling)
+        for seq, n in zip(batch.seqs, batch.query_lens):
+            self.scheduler.computed(seq, n)
+        new: dict[int, int] = {}  # seq_id -> the token sampled in this step
+        if sampling:
+            out = sample(logits, [s.params for s in sampling], [s.prompt_ids for s in sampling],
+                         [s.output_ids for s in sampling], [s.generator for s in sampling], self.tokenizer.eos_id)
+            for seq, tok, lp in zip(sampling, out.token_ids, out.logprobs):
+                self._append(seq, tok, lp)
+                new[seq.seq_id] = tok
+        return self._outputs(dict.fromkeys(s.request_id for s in batch.seqs), new)
+
+    @torch.inference_mode()
+    def _forward(self, batch, sampling) -> torch.Tensor:
+        bs, ids, pos, slots = self.config.block_size, [], [], []
+        rows, want = [], {s.seq_id for s in sampling}
+        for seq, n in zip(batch.seqs, batch.query_lens):
+            c = seq.num_computed
+            ids += seq.all_ids[c:c + n]
+            pos += range(c, c + n)
+            slots += [seq.blocks[p // bs] * bs + p % bs for p in range(c, c + n)]
+            if seq.seq_id in want:
+                rows.append(len(ids) - 1)
+        width = max(len(s.blocks) for s in batch.seqs)
+        tables = [s.blocks + [0] * (width - len(s.blocks)) for s in batch.seqs]  # padding is masked out
+        dev = self.device
+        cache = PagedKV(self.kv, torch.tensor(slots, device=dev), torch.tensor(tables, device=dev),
+                        [s.num_computed + n for s, n in zip(batch.seqs, batch.query_lens)], batch.query_lens,
+                        torch.tensor(rows, device=dev, dtype=torch.long))
+        out = self.model(torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev), cache=cache)
+        return out.logits.float()
+
+    def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None) -> None:
+        """Record a sampled token, stream its text, and decide whether the sequence is done."""
+        p = seq.params
+        seq.output_ids.append(tok)
+        seq.all_ids.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        reason, stop = None, None
+        if tok in p.stop_token_ids:
+            reason, stop = "stop", tok
+        elif tok == self.tokenizer.eos_id and not p.ignore_eos:
+            reason = "stop"
+        if reason is None:
+            seq.detok.add([tok])
+            if seq.detok.stopped:
+                reason, stop = "stop", seq.detok.stop_reason
+            elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or len(seq.all_ids) >= self.max_len:
+                reason = "length"
+        if reason is not None:
+            seq.detok.flush()
+            seq.stop_reason = stop
+            self.scheduler.finish(seq, reason)
+
+    def _outputs(self, request_ids, new: dict[int, int]) -> list[RequestOutput]:
+        outs = []
+        for rid in request_ids:
+            seqs = self.requests.get(rid)
+            if seqs is None:  # aborted
+                continue
+            comps = []
+            for s in seqs:
+                text = s.detok.text
+                comps.append(CompletionOutput(
+                    s.index, text, list(s.output_ids), text[s.emitted:], [new[s.seq_id]] if s.seq_id in new else [],
+                    s.finish_reason, s.stop_reason, s.logprobs if s.params.logprobs is not None else None))
+                s.emitted = len(text)
+            done = all(s.finished for s in seqs)
+            outs.append(RequestOutput(rid, seqs[0].prompt_ids, comps, seqs[0].num_cached, done))
+            if done:
+                del self.requests[rid]
+        return outs
+
+
+def _fingerprint(model: Transformer) -> str:
+    h = hashlib.blake2b(json.dumps(model.config.to_hf_dict(), sort_keys=True).encode(), digest_size=16)
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:8].float().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,58 @@
+"""`LLM`: batch offline generation, the form users know from vLLM.
+
+    from dsv3 import LLM, SamplingParams
+    llm = LLM("runs/quickstart/checkpoints/step_0000960/model")
+    for out in llm.generate(["ROMEO.\\n", "JULIET.\\n"], SamplingParams(temperature=0.8, max_tokens=64)):
+        print(out.outputs[0].text)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dsv3.infer.engine import Engine, EngineConfig, RequestOutput
+from dsv3.infer.sampler import SamplingParams
+from dsv3.io import load_model
+from dsv3.model import Transformer
+from dsv3.tokenizer import Tokenizer
+
+
+class LLM:
+    def __init__(self, model: str | Path | Transformer, tokenizer: str | Path | Tokenizer | None = None,
+                 device: str | None = None, dtype: torch.dtype | None = None, config: EngineConfig | None = None):
+        """A checkpoint directory (HF layout, with its tokenizer files) or a built model plus a tokenizer."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(model, Transformer):
+            if tokenizer is None:
+                raise ValueError("a Transformer instance needs its tokenizer (a directory or a Tokenizer)")
+        else:
+            tokenizer = tokenizer or model
+            model = load_model(model, device=device,
+                               dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_dir(tokenizer)
+        self.engine = Engine(model, self.tokenizer, config)
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One finished RequestOutput per prompt, in prompt order (`.outputs[i].text`, `.token_ids`)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        n_tokens = 0
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                n_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+            bar.set_postfix(tok_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f}")
+        bar.close()
+        return [done[i] for i in ids]

@@ -1,0 +1,216 @@
+"""Sampling: per-request SamplingParams, logit processing, and one RNG stream per row.
+
+Pipeline (one row per sequence, all rows batched): raw logits → repetition / frequency / presence penalties →
+min_tokens masking → (non-greedy rows) temperature → top-k → top-p → min-p → draw. `process_logits` returns the
+processed fp32 logits, and `sample` draws from exactly softmax(process_logits(...)), so the speculative-decoding
+rejection sampler can call `process_logits` for the target and draft distributions and stay consistent.
+
+Each non-greedy row draws from its own `torch.Generator` with exactly one RNG call (exponential race:
+argmax(p / E), E ~ Exp(1), which is a draw from p). A seeded request's tokens therefore do not depend on which
+other rows share the batch, their order, or how many there are. Rows with no generator share one global draw.
+
+Logprobs are log_softmax of the RAW model logits (before penalties, temperature and filters), vLLM's default
+(`logprobs_mode="raw_logprobs"`): they describe the model, not the sampler's reshaped distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 => greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 => off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # transformers / vLLM: divides positive logits, multiplies negative ones
+    frequency_penalty: float = 0.0  # OpenAI: per occurrence in the output
+    presence_penalty: float = 0.0  # OpenAI: once if present in the output
+    max_tokens: int | None = 16  # None => until the context is full
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None => none; k => the sampled token's logprob plus the top-k alternatives
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):  # OpenAI accepts `stop: "###"` as well as a list
+            self.stop = [self.stop]
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        # Written as `not (ok)` so NaN fails every check.
+        checks = [
+            ("n", self.n, self.n >= 1, ">= 1"),
+            ("temperature", self.temperature, self.temperature >= 0, ">= 0"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k, self.top_k >= -1, ">= -1 (0 or -1 = off)"),
+            ("min_p", self.min_p, 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0"),
+            ("frequency_penalty", self.frequency_penalty, -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("presence_penalty", self.presence_penalty, -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("max_tokens", self.max_tokens, self.max_tokens is None or self.max_tokens >= 1, "None or >= 1"),
+            ("min_tokens", self.min_tokens, self.min_tokens >= 0, ">= 0"),
+            ("logprobs", self.logprobs, self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"None or in [0, {MAX_LOGPROBS}]"),
+        ]
+        for name, value, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r} must be {rule}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} must hold non-empty strings")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be non-negative")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), logprob descending; len == params.logprobs
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # None for rows whose params.logprobs is None
+
+
+def _row_param(params: list[SamplingParams], rows: list[int], name: str, device) -> Tensor:
+    return torch.tensor([getattr(params[i], name) for i in rows], dtype=torch.float32, device=device)[:, None]
+
+
+def _token_counts(ids: list[list[int]], V: int, device) -> Tensor:
+    # (P, V) fp32 occurrence counts from one flat index_add over row*V + id: one host→device copy for all rows,
+    # no int64 (P, V) temporary, and exact (integer sums in fp32) whatever order the atomic adds land in.
+    flat = torch.tensor([r * V + t for r, row in enumerate(ids) for t in row], dtype=torch.long, device=device)
+    counts = torch.zeros(len(ids) * V, dtype=torch.float32, device=device)
+    return counts.index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=device)).view(len(ids), V)
+
+
+def apply_penalties(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+                    output_ids: list[list[int]]) -> Tensor:
+    logits_RV = logits_RV.to(torch.float32, copy=True)
+    rows = [i for i, p in enumerate(params) if p.has_penalties]  # rows without penalties cost nothing
+    if not rows:
+        return logits_RV
+    V, dev = logits_RV.shape[-1], logits_RV.device
+    x_PV = logits_RV[rows]
+    out_counts_PV = _token_counts([output_ids[i] for i in rows], V, dev)
+    # Repetition penalty looks at prompt AND output (transformers / vLLM); OpenAI penalties at the output only.
+    seen_PV = (out_counts_PV > 0) | (_token_counts([prompt_ids[i] for i in rows], V, dev) > 0)
+    rep_P1 = _row_param(params, rows, "repetition_penalty", dev)
+    x_PV = torch.where(seen_PV, torch.where(x_PV > 0, x_PV / rep_P1, x_PV * rep_P1), x_PV)
+    x_PV = x_PV - _row_param(params, rows, "frequency_penalty", dev) * out_counts_PV
+    x_PV = x_PV - _row_param(params, rows, "presence_penalty", dev) * (out_counts_PV > 0).float()
+    logits_RV[rows] = x_PV
+    return logits_RV
+
+
+def _mask_min_tokens(logits_RV: Tensor, params: list[SamplingParams], output_ids: list[list[int]],
+                     eos_id: int | None) -> None:
+    # Until min_tokens were generated, nothing that would end the sequence may be drawn. With ignore_eos the EOS
+    # id is an ordinary token (it ends nothing), so it stays drawable, as in vLLM's all_stop_token_ids.
+    pairs = []
+    for i, p in enumerate(params):
+        if len(output_ids[i]) < p.min_tokens:
+            stops = p.stop_token_ids + ([eos_id] if eos_id is not None and not p.ignore_eos else [])
+            pairs += [(i, t) for t in stops]
+    if pairs:
+        r, t = torch.tensor(pairs, dtype=torch.long, device=logits_RV.device).unbind(1)
+        logits_RV[r, t] = float("-inf")
+
+
+def _filter(x_RV: Tensor, params: list[SamplingParams], rows: list[int]) -> Tensor:
+    # Temperature → top-k → top-p → min-p, each on the distribution the previous step left (transformers order).
+    dev, V = x_RV.device, x_RV.shape[-1]
+    x_RV = x_RV / _row_param(params, rows, "temperature", dev)
+    k = [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]
+    top_p = [params[i].top_p for i in rows]
+    if any(kk < V for kk in k) or any(pp < 1 for pp in top_p):
+        # One descending sort serves both: top-k and top-p are prefixes of the sorted order.
+        sorted_RV, idx_RV = x_RV.sort(dim=-1, descending=True)
+        k_R1 = torch.tensor(k, dtype=torch.long, device=dev)[:, None]
+        kth_R1 = sorted_RV.gather(1, k_R1 - 1)
+        sorted_RV = sorted_RV.masked_fill(sorted_RV < kth_R1, float("-inf"))  # ties with the k-th are kept
+        # Nucleus: keep token j iff the mass strictly before it is < top_p, i.e. the smallest prefix whose mass
+        # reaches top_p; the top token (mass 0 before it) is always kept. Rows at top_p == 1 skip it, so fp32
+        # cumsum rounding can never cut their tail.
+        probs_RV = sorted_RV.softmax(dim=-1)
+        before_RV = probs_RV.cumsum(dim=-1) - probs_RV
+        top_p_R1 = torch.tensor(top_p, dtype=torch.float32, device=dev)[:, None]
+        sorted_RV = sorted_RV.masked_fill((before_RV >= top_p_R1) & (top_p_R1 < 1), float("-inf"))
+        x_RV = torch.empty_like(x_RV).scatter_(1, idx_RV, sorted_RV)
+    if any(params[i].min_p > 0 for i in rows):
+        probs_RV = x_RV.softmax(dim=-1)
+        floor_R1 = _row_param(params, rows, "min_p", dev) * probs_RV.amax(dim=-1, keepdim=True)
+        x_RV = x_RV.masked_fill(probs_RV < floor_R1, float("-inf"))
+    return x_RV
+
+
+def process_logits(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+                   output_ids: list[list[int]], eos_id: int | None) -> Tensor:
+    """fp32 logits whose softmax is the distribution `sample` draws from (greedy rows: argmax of them)."""
+    logits_RV = apply_penalties(logits_RV, params, prompt_ids, output_ids)
+    _mask_min_tokens(logits_RV, params, output_ids, eos_id)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:  # filters cannot change a greedy row's argmax, so greedy rows skip them
+        logits_RV[rows] = _filter(logits_RV[rows], params, rows)
+    return logits_RV
+
+
+def _exp_noise(generators: list[torch.Generator | None], rows: list[int], V: int, device) -> Tensor:
+    # (Rs, V) Exp(1) noise: one draw per seeded row from its own generator (on the generator's device, then
+    # moved), one batched draw from the global RNG for all unseeded rows.
+    u_RV = torch.empty(len(rows), V, device=device)
+    unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
+    if unseeded:
+        u_RV[unseeded] = torch.rand(len(unseeded), V, device=device)
+    for j, i in enumerate(rows):
+        if (g := generators[i]) is not None:
+            u_RV[j] = torch.rand(V, generator=g, device=g.device).to(device)
+    return -torch.log(u_RV)  # u == 0 gives E = inf: that token loses this race (probability 2^-24 per entry)
+
+
+def sample(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+           output_ids: list[list[int]], generators: list[torch.Generator | None],
+           eos_id: int | None) -> SampleOutput:
+    R, V = logits_RV.shape
+    if not len(params) == len(prompt_ids) == len(output_ids) == len(generators) == R:
+        raise ValueError(f"logits rows={R} must equal len(params)={len(params)}, len(prompt_ids)="
+                         f"{len(prompt_ids)}, len(output_ids)={len(output_ids)}, len(generators)={len(generators)}")
+    x_RV = process_logits(logits_RV, params, prompt_ids, output_ids, eos_id)
+    token_R = x_RV.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        # Exponential race: argmax_j p_j / E_j with E_j ~ Exp(1) iid is a draw from p (filtered tokens have p=0).
+        probs_RV = x_RV[rows].softmax(dim=-1)
+        token_R[rows] = (probs_RV / _exp_noise(generators, rows, V, x_RV.device)).argmax(dim=-1)
+    token_ids = token_R.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * R
+    lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if lp_rows:
+        lp_RV = torch.log_softmax(logits_RV[lp_rows].float(), dim=-1)  # RAW logits: see the module docstring
+        chosen_R = lp_RV.gather(1, token_R[lp_rows, None])[:, 0]
+        top_lp_RK, top_id_RK = lp_RV.topk(min(max(params[i].logprobs for i in lp_rows), V), dim=-1)
+        chosen, top_lp, top_id = chosen_R.tolist(), top_lp_RK.tolist(), top_id_RK.tolist()
+        for j, i in enumerate(lp_rows):
+            k = params[i].logprobs
+            logprobs[i] = TokenLogprobs(token_ids[i], chosen[j], list(zip(top_id[j][:k], top_lp[j][:k])))
+    return SampleOutput(token_ids=token_ids, logprobs=logprobs)

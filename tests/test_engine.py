@@ -1,0 +1,198 @@
+"""The inference engine against full recomputation: paged latent cache, absorbed decode, chunked prefill,
+continuous batching, prefix cache, preemption (float32, greedy, exact tokens)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import random_model, rel_err, small_v3
+from dsv3 import LLM, Engine, EngineConfig, ModelConfig, SamplingParams, save_model
+from dsv3.data.bpe import train_bpe
+from dsv3.infer.kv_cache import bytes_per_token
+from dsv3.model import PagedKV
+
+TEXT = ["The king speaks to the queen, and the ghost walks upon the wall at night. " * 3,
+        "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n" * 3]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(TEXT, 512)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = ModelConfig.from_hf_dict({"model_type": "deepseek_v3", **small_v3(vocab_size=576), "num_nextn_predict_layers": 1})
+    return random_model(cfg, std=0.2)
+
+
+def reference_greedy(model, prompt, n):
+    """Greedy decoding by full recomputation, no cache of any kind."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts(n, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(20, 500, (L,), generator=g).tolist() for L in lengths[:n]]
+
+
+def run(engine, schedule):
+    """schedule: {step: [(prompt, params)]}: requests join at those steps. Returns {request_id: RequestOutput}."""
+    done, step, ids = {}, 0, {}
+    while step <= max(schedule) or engine.has_unfinished():
+        for p, sp in schedule.get(step, []):
+            ids[engine.add_request(p, sp)] = p
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+    return done, ids
+
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def test_greedy_engine_equals_full_recomputation_with_joins_and_chunked_prefill(model, tok):
+    # Blocks of 16 and a 40-token budget: prompts span several blocks and are prefilled in chunks, side by side
+    # with other sequences' decode steps; requests join at different steps and finish at different lengths.
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, max_batched_tokens=40))
+    ps = prompts(4, [5, 37, 70, 19])
+    lens = [64, 70, 65, 66]
+    schedule = {0: [(ps[0], SamplingParams(max_tokens=lens[0], **GREEDY)), (ps[1], SamplingParams(max_tokens=lens[1], **GREEDY))],
+                3: [(ps[2], SamplingParams(max_tokens=lens[2], **GREEDY))],
+                20: [(ps[3], SamplingParams(max_tokens=lens[3], **GREEDY))]}
+    done, ids = run(engine, schedule)
+    for rid, out in done.items():
+        p = ids[rid]
+        assert out.outputs[0].token_ids == reference_greedy(model, p, len(out.outputs[0].token_ids))
+        assert out.outputs[0].finish_reason == "length"
+    assert sorted(len(o.outputs[0].token_ids) for o in done.values()) == sorted(lens)
+    assert engine.pool.num_free == engine.pool.num_blocks  # everything released
+
+
+def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(model, tok):
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64))
+    base = prompts(1, [50])[0]
+    first, _ = run(engine, {0: [(base, SamplingParams(max_tokens=8, **GREEDY))]})
+    assert next(iter(first.values())).num_cached_tokens == 0
+    follow = base[:40] + prompts(1, [12], seed=1)[0]  # shares 40 tokens: 2 full blocks of 16
+    second, _ = run(engine, {0: [(follow, SamplingParams(max_tokens=64, **GREEDY))]})
+    out = next(iter(second.values()))
+    assert out.num_cached_tokens == 32
+    assert out.outputs[0].token_ids == reference_greedy(model, follow, 64)
+    # A prompt made only of cached full blocks still recomputes its last block: its last token's logits are needed.
+    again, _ = run(engine, {0: [(base[:48], SamplingParams(max_tokens=4, **GREEDY))]})
+    out = next(iter(again.values()))
+    assert out.num_cached_tokens == 32 and out.outputs[0].token_ids == reference_greedy(model, base[:48], 4)
+
+
+def test_preemption_when_the_pool_runs_out_recomputes_and_keeps_tokens(model, tok):
+    # 12 blocks of 16 tokens cannot hold three sequences growing to ~90 tokens each: someone is preempted.
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=12, max_batched_tokens=64))
+    ps = prompts(3, [30, 25, 20], seed=2)
+    done, ids = run(engine, {0: [(p, SamplingParams(max_tokens=64, **GREEDY)) for p in ps]})
+    assert engine.scheduler.preemptions > 0
+    for rid, out in done.items():
+        assert out.outputs[0].token_ids == reference_greedy(model, ids[rid], 64)
+
+
+def test_abort_frees_blocks_at_once(model, tok):
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=32))
+    rid = engine.add_request(prompts(1, [40])[0], SamplingParams(max_tokens=50, **GREEDY))
+    for _ in range(3):
+        engine.step()
+    assert engine.pool.num_free < engine.pool.num_blocks
+    engine.abort(rid)
+    assert engine.pool.num_free == engine.pool.num_blocks and not engine.has_unfinished()
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(model, tok):
+    p = prompts(1, [20], seed=3)[0]
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    alone, _ = run(Engine(model, tok, EngineConfig(block_size=16, num_blocks=64)), {0: [(p, sp)]})
+    others = [(q, SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)) for q in prompts(3, [9, 33, 14], 4)]
+    crowd, ids = run(Engine(model, tok, EngineConfig(block_size=16, num_blocks=64)), {0: others[:2], 1: [(p, sp)] + others[2:]})
+    mine = [o for rid, o in crowd.items() if ids[rid] == p][0]
+    assert mine.outputs[0].token_ids == next(iter(alone.values())).outputs[0].token_ids
+
+
+def test_stop_token_and_stop_string_end_the_completion(model, tok):
+    p = prompts(1, [12], seed=5)[0]
+    ref = reference_greedy(model, p, 20)
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64))
+    done, _ = run(engine, {0: [(p, SamplingParams(max_tokens=20, stop_token_ids=[ref[6]], **GREEDY))]})
+    c = next(iter(done.values())).outputs[0]
+    k = ref.index(ref[6])
+    assert c.token_ids == ref[: k + 1] and c.finish_reason == "stop" and c.stop_reason == ref[6]
+    full = tok.decode(ref, skip_special_tokens=True)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    if stop.strip():  # a stop string in the middle of the text: the completion ends before it
+        done, _ = run(engine, {0: [(p, SamplingParams(max_tokens=20, stop=[stop], **GREEDY))]})
+        c = next(iter(done.values())).outputs[0]
+        assert c.finish_reason == "stop" and stop not in c.text and c.text == full[: full.index(stop)]
+
+
+def test_n_samples_share_the_prompt_blocks(model, tok):
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64))
+    p = prompts(1, [40], seed=6)[0]
+    done, _ = run(engine, {0: [(p, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True))]})
+    out = next(iter(done.values()))
+    assert [c.index for c in out.outputs] == [0, 1, 2] and all(len(c.token_ids) == 10 for c in out.outputs)
+    assert engine.pool.hits == 2 * 32  # siblings 1 and 2 reused the 2 full prompt blocks of sample 0
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # distinct streams
+
+
+def test_cache_bytes_per_token_is_the_latent_width(model):
+    cfg = model.config  # kv_lora_rank 16 + rope 8, 3 layers
+    assert bytes_per_token(cfg, torch.float32) == (16 + 8) * 3 * 4
+    assert bytes_per_token(cfg, torch.bfloat16, extra_layers=1) == (16 + 8) * 4 * 2
+    engine = Engine(model, train_bpe(TEXT, 512), EngineConfig(block_size=16, num_blocks=10))
+    stored = sum(t.numel() * t.element_size() for t in engine.kv)
+    assert stored == 10 * 16 * bytes_per_token(cfg, torch.float32)
+
+
+def test_absorbed_decode_matches_expanded_attention_per_layer(model):
+    # Layer by layer: the last token through the absorbed path over a cache written by an expanded prefill,
+    # against the expanded (training) attention over the whole sequence.
+    T, bs = 23, 8
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(T, model.config.hidden_size, generator=g)
+    from dsv3.model.rope import cos_sin
+    cos, sin = cos_sin(torch.arange(T)[None], model.rope_inv_freq, model.rope_factor)
+    width = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    for layer in model.layers:
+        attn = layer.self_attn
+        with torch.no_grad():
+            full = attn(x[None], cos, sin)[0, -1]
+            pools = [torch.zeros(4, bs, width) for _ in model.layers]
+            table = torch.tensor([[2, 0, 3]])
+            slots = lambda p: torch.tensor([table[0, i // bs] * bs + i % bs for i in p])  # noqa: E731
+            attn(x[: T - 1], cos[0, : T - 1], sin[0, : T - 1],
+                 cache=PagedKV(pools, slots(range(T - 1)), table, [T - 1], [T - 1]))
+            last = attn(x[T - 1:], cos[0, T - 1:], sin[0, T - 1:], cache=PagedKV(pools, slots([T - 1]), table, [T], [1]))
+        assert rel_err(last[0], full) < 1e-5
+
+
+def test_llm_api_and_generate_cli_match_full_recomputation(model, tok, tmp_path):
+    save_model(model, tmp_path)
+    tok.save(tmp_path)
+    ids = tok.encode("The king speaks", add_bos=True)
+    ref = reference_greedy(model, ids, 12)
+    greedy = SamplingParams(max_tokens=12, **GREEDY)
+    outs = LLM(tmp_path, device="cpu").generate(["The king speaks", ids[:5]], greedy, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == ref and outs[0].prompt_token_ids == ids
+    assert outs[1].outputs[0].token_ids == reference_greedy(model, ids[:5], 12)
+    assert outs[0].outputs[0].text == tok.decode(ref, skip_special_tokens=True)
+    r = subprocess.run([sys.executable, "-m", "dsv3", "generate", str(tmp_path), "--prompt", "The king speaks",
+                        "--temperature", "0", "--max-tokens", "12", "--ignore-eos", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["token_ids"] == ref
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        LLM(tmp_path, device="cpu").generate([[1, 10**6]], greedy)
