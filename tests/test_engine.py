@@ -58,10 +58,13 @@ def run(engine, schedule):
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def test_greedy_engine_equals_full_recomputation_with_joins_and_chunked_prefill(model, tok):
+@pytest.mark.parametrize("spec", [0, 1])
+def test_greedy_engine_equals_full_recomputation_with_joins_and_chunked_prefill(model, tok, spec):
     # Blocks of 16 and a 40-token budget: prompts span several blocks and are prefilled in chunks, side by side
     # with other sequences' decode steps; requests join at different steps and finish at different lengths.
-    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, max_batched_tokens=40))
+    # With spec=1 every decode step also verifies an MTP draft (this random model's drafts are mostly wrong).
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, max_batched_tokens=40,
+                                             speculative_tokens=spec))
     ps = prompts(4, [5, 37, 70, 19])
     lens = [64, 70, 65, 66]
     schedule = {0: [(ps[0], SamplingParams(max_tokens=lens[0], **GREEDY)), (ps[1], SamplingParams(max_tokens=lens[1], **GREEDY))],
@@ -74,6 +77,56 @@ def test_greedy_engine_equals_full_recomputation_with_joins_and_chunked_prefill(
         assert out.outputs[0].finish_reason == "length"
     assert sorted(len(o.outputs[0].token_ids) for o in done.values()) == sorted(lens)
     assert engine.pool.num_free == engine.pool.num_blocks  # everything released
+    assert (engine.drafted > 100) == bool(spec)
+
+
+class _Oracle:
+    """Drafts from a known greedy continuation, right and wrong in turn, so verification both accepts (two
+    tokens per step) and rejects (cache rollback) along the way."""
+
+    def __init__(self, refs):
+        self.refs, self.calls = refs, 0  # prompt tuple -> the full greedy continuation
+
+    def __call__(self, row, seq, eos_id):
+        ref, i = self.refs[tuple(seq.prompt_ids)], len(seq.output_ids)  # the draft stands for output[i]
+        right = ref[i] if i < len(ref) else 0
+        self.calls += 1
+        return (right if self.calls % 2 else (right + 1) % 500), None
+
+
+def test_mtp_speculation_accepting_and_rejecting_keeps_greedy_tokens(model, tok, monkeypatch):
+    ps = prompts(3, [21, 40, 9], seed=9)
+    refs = {tuple(p): reference_greedy(model, p, 70) for p in ps}
+    monkeypatch.setattr("dsv3.infer.engine.propose", _Oracle(refs))
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=24, max_batched_tokens=48,
+                                             speculative_tokens=1))
+    done, ids = run(engine, {0: [(p, SamplingParams(max_tokens=64, **GREEDY)) for p in ps[:2]],
+                             5: [(ps[2], SamplingParams(max_tokens=60, **GREEDY))]})
+    for rid, out in done.items():
+        assert out.outputs[0].token_ids == refs[tuple(ids[rid])][: len(out.outputs[0].token_ids)]
+        assert len(out.outputs[0].token_ids) in (64, 60)
+    assert 0.3 < engine.accepted / engine.drafted < 0.7  # half the drafts are right by construction
+
+
+def test_speculative_sampling_keeps_the_main_models_distribution():
+    # The rejection rule on a toy case: whatever q proposes, the token emitted in the draft's place is
+    # distributed as p (chi-square against p, 20k trials, p-value 0.001 for 4 degrees of freedom: 18.47).
+    from types import SimpleNamespace
+
+    from dsv3.infer.speculative import draw, verify
+    p = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
+    q = torch.tensor([0.3, 0.1, 0.3, 0.05, 0.25])
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, max_tokens=100)
+    logits = torch.stack([p.log(), p.log()])  # row 1 (the bonus token) is not what this test measures
+    counts = torch.zeros(5)
+    n = 20000
+    for _ in range(n):
+        d = draw(q, g)
+        seq = SimpleNamespace(params=params, draft=[d], draft_q=q, generator=g, prompt_ids=[1], output_ids=[])
+        counts[verify(logits, seq, None)[0][0]] += 1
+    chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < 18.47, (chi2, counts / n)
 
 
 def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(model, tok):
@@ -112,12 +165,14 @@ def test_abort_frees_blocks_at_once(model, tok):
     assert engine.pool.num_free == engine.pool.num_blocks and not engine.has_unfinished()
 
 
-def test_seeded_sampling_is_reproducible_across_batch_compositions(model, tok):
+@pytest.mark.parametrize("spec", [0, 1])
+def test_seeded_sampling_is_reproducible_across_batch_compositions(model, tok, spec):
     p = prompts(1, [20], seed=3)[0]
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
-    alone, _ = run(Engine(model, tok, EngineConfig(block_size=16, num_blocks=64)), {0: [(p, sp)]})
+    cfg = EngineConfig(block_size=16, num_blocks=64, speculative_tokens=spec)
+    alone, _ = run(Engine(model, tok, cfg), {0: [(p, sp)]})
     others = [(q, SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)) for q in prompts(3, [9, 33, 14], 4)]
-    crowd, ids = run(Engine(model, tok, EngineConfig(block_size=16, num_blocks=64)), {0: others[:2], 1: [(p, sp)] + others[2:]})
+    crowd, ids = run(Engine(model, tok, cfg), {0: others[:2], 1: [(p, sp)] + others[2:]})
     mine = [o for rid, o in crowd.items() if ids[rid] == p][0]
     assert mine.outputs[0].token_ids == next(iter(alone.values())).outputs[0].token_ids
 
@@ -152,9 +207,10 @@ def test_cache_bytes_per_token_is_the_latent_width(model):
     cfg = model.config  # kv_lora_rank 16 + rope 8, 3 layers
     assert bytes_per_token(cfg, torch.float32) == (16 + 8) * 3 * 4
     assert bytes_per_token(cfg, torch.bfloat16, extra_layers=1) == (16 + 8) * 4 * 2
-    engine = Engine(model, train_bpe(TEXT, 512), EngineConfig(block_size=16, num_blocks=10))
-    stored = sum(t.numel() * t.element_size() for t in engine.kv)
-    assert stored == 10 * 16 * bytes_per_token(cfg, torch.float32)
+    for spec in (0, 1):  # with MTP speculation its module's latents are cached too
+        engine = Engine(model, train_bpe(TEXT, 512), EngineConfig(block_size=16, num_blocks=10, speculative_tokens=spec))
+        stored = sum(t.numel() * t.element_size() for t in engine.kv)
+        assert stored == 10 * 16 * (16 + 8) * (3 + spec) * 4
 
 
 def test_absorbed_decode_matches_expanded_attention_per_layer(model):

@@ -18,6 +18,7 @@ from dsv3.infer.detokenizer import IncrementalDetokenizer
 from dsv3.infer.kv_cache import BlockPool, allocate_pools, bytes_per_token, default_cache_bytes
 from dsv3.infer.sampler import SamplingParams, TokenLogprobs, sample
 from dsv3.infer.scheduler import Scheduler, Sequence
+from dsv3.infer.speculative import propose, verify
 from dsv3.model import PagedKV, Transformer
 from dsv3.tokenizer import Tokenizer
 
@@ -31,11 +32,14 @@ class EngineConfig:
     max_num_seqs: int = 256  # sequences in one forward
     max_batched_tokens: int = 2048  # tokens in one forward (prefill chunks + decode tokens)
     seed: int = 0  # of the generators of requests that give no seed
+    speculative_tokens: int = 0  # MTP drafts per step (0: off; 1: V3's one MTP module, SPEC §8.2)
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.speculative_tokens not in (0, 1):
+            raise ValueError(f"speculative_tokens={self.speculative_tokens}: 0 (off) or 1 (one MTP draft per step)")
         if not 0 < self.cache_memory_fraction <= 1:
             raise ValueError(f"cache_memory_fraction={self.cache_memory_fraction} must be in (0, 1]")
 
@@ -70,14 +74,20 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_len = mcfg.max_position_embeddings
-        per_block = bytes_per_token(mcfg, self.dtype) * cfg.block_size
+        if cfg.speculative_tokens > len(model.mtp):
+            raise ValueError(f"speculative_tokens={cfg.speculative_tokens} needs MTP modules; this model has "
+                             f"{len(model.mtp)}")
+        self.spec = cfg.speculative_tokens
+        self.drafted = self.accepted = 0  # draft tokens proposed / accepted
+        per_block = bytes_per_token(mcfg, self.dtype, extra_layers=self.spec) * cfg.block_size
         enough = cfg.max_num_seqs * -(-self.max_len // cfg.block_size)
         num_blocks = cfg.num_blocks or min(enough, default_cache_bytes(self.device, cfg.cache_memory_fraction) // per_block)
         # The prefix cache is only sound between identical models: name it by the config and the weights' shapes
         # and a fingerprint of a few values (cheap; a different checkpoint of the same shape differs there).
         model_id = model_id or _fingerprint(model)
         self.pool = BlockPool(num_blocks, cfg.block_size, model_id)
-        self.kv = allocate_pools(mcfg, num_blocks, cfg.block_size, mcfg.num_hidden_layers, self.dtype, self.device)
+        self.kv = allocate_pools(mcfg, num_blocks, cfg.block_size, mcfg.num_hidden_layers + self.spec, self.dtype,
+                                 self.device)  # MTP module k's latents live in pool L + k - 1
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_batched_tokens)
         self.requests: dict[str, list[Sequence]] = {}
         self._rng = torch.Generator().manual_seed(cfg.seed)
@@ -124,38 +134,102 @@ class Engine:
             if self.scheduler.has_work():
                 raise RuntimeError("the KV cache cannot hold a single sequence: raise num_blocks")
             return []
-        sampling = [s for s, n in zip(batch.seqs, batch.query_lens) if s.num_computed + n == len(s.all_ids)]
-        logits = self._forward(batch, sampling)
-        for seq, n in zip(batch.seqs, batch.query_lens):
-            self.scheduler.computed(seq, n)
-        new: dict[int, int] = {}  # seq_id -> the token sampled in this step
-        if sampling:
-            out = sample(logits, [s.params for s in sampling], [s.prompt_ids for s in sampling],
-                         [s.output_ids for s in sampling], [s.generator for s in sampling], self.tokenizer.eos_id)
-            for seq, tok, lp in zip(sampling, out.token_ids, out.logprobs):
-                self._append(seq, tok, lp)
-                new[seq.seq_id] = tok
-        return self._outputs(dict.fromkeys(s.request_id for s in batch.seqs), new)
+        pairs = list(zip(batch.seqs, batch.query_lens))
+        ends = [s for s, n in pairs if s.num_computed + n == s.num_tokens]  # these sample (or verify) now
+        logits, hidden, rows = self._forward(pairs, ends)
+        new = self._decide(ends, logits, rows)
+        valid = {}
+        for seq, n in pairs:  # rejected draft rows are not part of the cache (they get overwritten later)
+            valid[seq.seq_id] = n - (len(seq.draft) + 1 - len(new[seq.seq_id][0]) if seq.seq_id in new else 0)
+            self.scheduler.computed(seq, valid[seq.seq_id])
+        appended: dict[int, list[int]] = {}
+        for seq in ends:
+            seq.draft, seq.draft_q = [], None
+            for tok, lp in zip(*new[seq.seq_id]):
+                if not seq.finished:  # a stop inside an accepted draft drops what follows it
+                    self._append(seq, tok, lp)
+                    appended.setdefault(seq.seq_id, []).append(tok)
+        if self.spec:
+            self._draft(pairs, valid, hidden)
+        return self._outputs(dict.fromkeys(s.request_id for s in batch.seqs), appended)
 
     @torch.inference_mode()
-    def _forward(self, batch, sampling) -> torch.Tensor:
+    def _forward(self, pairs, ends):
+        """The main model over the flat batch: logits of the rows that sample or verify, all hidden states, and
+        each such sequence's logits rows."""
+        ids, pos, slots, tables = self._flat(pairs, lambda s: s.all_ids + s.draft)
+        want, rows, logit_rows = {s.seq_id for s in ends}, {}, []
+        start = 0
+        for seq, n in pairs:
+            start += n
+            if seq.seq_id in want:  # the last 1 + len(draft) rows: the next token, then one per draft token
+                k = 1 + len(seq.draft)
+                rows[seq.seq_id] = list(range(len(logit_rows), len(logit_rows) + k))
+                logit_rows += range(start - k, start)
+        cache = PagedKV(self.kv, slots, tables, [s.num_computed + n for s, n in pairs], [n for _, n in pairs],
+                        torch.tensor(logit_rows, device=self.device, dtype=torch.long))
+        out = self.model(ids, positions=pos, cache=cache)
+        return out.logits.float(), out.hidden, rows
+
+    def _flat(self, pairs, tokens_of):
+        """Token ids, positions, cache slots and block tables of `n` tokens from each sequence's num_computed."""
         bs, ids, pos, slots = self.config.block_size, [], [], []
-        rows, want = [], {s.seq_id for s in sampling}
-        for seq, n in zip(batch.seqs, batch.query_lens):
-            c = seq.num_computed
-            ids += seq.all_ids[c:c + n]
+        for seq, n in pairs:
+            c, toks = seq.num_computed, tokens_of(seq)
+            ids += toks[c:c + n]
             pos += range(c, c + n)
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(c, c + n)]
-            if seq.seq_id in want:
-                rows.append(len(ids) - 1)
-        width = max(len(s.blocks) for s in batch.seqs)
-        tables = [s.blocks + [0] * (width - len(s.blocks)) for s in batch.seqs]  # padding is masked out
-        dev = self.device
-        cache = PagedKV(self.kv, torch.tensor(slots, device=dev), torch.tensor(tables, device=dev),
-                        [s.num_computed + n for s, n in zip(batch.seqs, batch.query_lens)], batch.query_lens,
-                        torch.tensor(rows, device=dev, dtype=torch.long))
-        out = self.model(torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev), cache=cache)
-        return out.logits.float()
+        width = max(len(s.blocks) for s, _ in pairs)
+        tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _ in pairs]  # padding is masked out
+        t = lambda x: torch.tensor(x, device=self.device, dtype=torch.long)  # noqa: E731
+        return t(ids), t(pos), t(slots), t(tables)
+
+    def _decide(self, ends, logits, rows) -> dict[int, tuple[list[int], list]]:
+        """The tokens each sequence gains: a plain sample, or the outcome of verifying its draft."""
+        new, plain = {}, [s for s in ends if not s.draft]
+        if plain:
+            out = sample(logits[[rows[s.seq_id][0] for s in plain]], [s.params for s in plain],
+                         [s.prompt_ids for s in plain], [s.output_ids for s in plain], [s.generator for s in plain],
+                         self.tokenizer.eos_id)
+            new = {s.seq_id: ([t], [lp]) for s, t, lp in zip(plain, out.token_ids, out.logprobs)}
+        for s in ends:
+            if s.draft:
+                new[s.seq_id] = verify(logits[rows[s.seq_id]], s, self.tokenizer.eos_id)
+                self.drafted += len(s.draft)
+                self.accepted += len(new[s.seq_id][0]) - 1
+        return new
+
+    @torch.inference_mode()
+    def _draft(self, pairs, valid, hidden) -> None:
+        """MTP over every main row whose next token is now known (its own latent cache stays complete), and a
+        draft for each sequence that will decode next step."""
+        keep, offsets, start = [], [], 0
+        for seq, n in pairs:
+            if not seq.finished:
+                keep.append((seq, valid[seq.seq_id]))
+                offsets += range(start, start + valid[seq.seq_id])
+            start += n
+        if not keep:
+            return
+        for seq, m in keep:  # _flat reads from num_computed: step back over the rows just cached
+            seq.num_computed -= m
+        ids, pos, slots, tables = self._flat(keep, lambda s: s.all_ids[1:])  # row i pairs h_i with t_{i+1}
+        for seq, m in keep:
+            seq.num_computed += m
+        room = [s for s, _ in keep if not s.in_prefill and len(s.all_ids) + 1 < self.max_len]
+        want = {s.seq_id for s in room}
+        last, start = [], 0
+        for seq, m in keep:
+            start += m
+            if seq.seq_id in want and seq.num_computed + 1 == len(seq.all_ids):
+                last.append(start - 1)
+        cache = PagedKV(self.kv, slots, tables, [s.num_computed for s, _ in keep], [m for _, m in keep],
+                        torch.tensor(last, device=self.device, dtype=torch.long))
+        logits = self.model.draft(ids, hidden[offsets], pos, cache).float()
+        drafting = [s for s, _ in keep if s.seq_id in want and s.num_computed + 1 == len(s.all_ids)]
+        for seq, row in zip(drafting, logits):
+            d, q = propose(row, seq, self.tokenizer.eos_id)
+            seq.draft, seq.draft_q = [d], q
 
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None) -> None:
         """Record a sampled token, stream its text, and decide whether the sequence is done."""
@@ -180,7 +254,7 @@ class Engine:
             seq.stop_reason = stop
             self.scheduler.finish(seq, reason)
 
-    def _outputs(self, request_ids, new: dict[int, int]) -> list[RequestOutput]:
+    def _outputs(self, request_ids, appended: dict[int, list[int]]) -> list[RequestOutput]:
         outs = []
         for rid in request_ids:
             seqs = self.requests.get(rid)
@@ -190,7 +264,7 @@ class Engine:
             for s in seqs:
                 text = s.detok.text
                 comps.append(CompletionOutput(
-                    s.index, text, list(s.output_ids), text[s.emitted:], [new[s.seq_id]] if s.seq_id in new else [],
+                    s.index, text, list(s.output_ids), text[s.emitted:], appended.get(s.seq_id, []),
                     s.finish_reason, s.stop_reason, s.logprobs if s.params.logprobs is not None else None))
                 s.emitted = len(text)
             done = all(s.finished for s in seqs)

@@ -41,6 +41,8 @@ class Sequence:
     logprobs: list = field(default_factory=list)
     detok: object = None  # the engine's IncrementalDetokenizer
     emitted: int = 0  # characters of detok.text already reported
+    draft: list[int] = field(default_factory=list)  # MTP's proposal for the tokens after all_ids
+    draft_q: torch.Tensor | None = None  # the distribution the draft was drawn from (sampling only)
 
     def __post_init__(self):
         self.all_ids = list(self.prompt_ids)
@@ -48,6 +50,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the next forward may cover: the known ones plus the draft under verification."""
+        return len(self.all_ids) + len(self.draft)
 
     @property
     def in_prefill(self) -> bool:
@@ -82,7 +89,9 @@ class Scheduler:
         for seq in list(self.running):  # decode and ongoing prefill first
             if seq not in self.running:  # preempted below by an earlier sequence
                 continue
-            n = min(len(seq.all_ids) - seq.num_computed, budget)
+            if seq.num_tokens - seq.num_computed > budget:
+                seq.draft, seq.draft_q = [], None  # no room to verify it: plain decode
+            n = min(seq.num_tokens - seq.num_computed, budget)
             if n <= 0:
                 continue
             while not self._grow(seq, seq.num_computed + n):
@@ -141,14 +150,14 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq.blocks)
-        seq.blocks, seq.num_computed = [], 0
+        seq.blocks, seq.num_computed, seq.draft, seq.draft_q = [], 0, [], None
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
     def computed(self, seq: Sequence, n: int) -> None:
         """`n` more tokens of `seq` are in the cache: name the blocks they completed."""
         seq.num_computed += n
-        full = seq.num_computed // self.pool.block_size
+        full = min(seq.num_computed, len(seq.all_ids)) // self.pool.block_size  # an accepted draft: next time
         if full > len(seq.hashes):
             seq.hashes = self.pool.chain_hashes(seq.all_ids[: full * self.pool.block_size], seq.hashes)
         for i in range(full):

@@ -172,6 +172,17 @@ class Transformer(nn.Module):
         bal = torch.stack(bals).sum() if bals else None
         return ModelOutput(self.lm_head(out_h), h, mtp_logits, counts, bal)
 
+    def draft(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: PagedKV,
+              depth: int = 1) -> torch.Tensor:
+        """MTP module `depth` over a flat batch with its own paged latent cache (inference, SPEC §8.2): row i holds
+        the main model's final-normed hidden h_i at `positions[i]` and the token t_{i+1} that followed it;
+        returns logits for t_{i+2} at `cache.logits_indices` rows."""
+        layer = self.mtp[depth - 1]
+        cos, sin = rope.cos_sin(positions, self.rope_inv_freq, self.rope_factor)
+        h, _ = layer(hidden, self.embed_tokens(next_ids), cos, sin, None, cache)
+        h = h if cache.logits_indices is None else h[cache.logits_indices]
+        return self.lm_head(layer.shared_head.norm(h))
+
     def _mtp(self, input_ids, h, cos, sin, mask, routes):
         logits = []
         T = input_ids.shape[1]
