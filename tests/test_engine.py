@@ -252,3 +252,53 @@ def test_llm_api_and_generate_cli_match_full_recomputation(model, tok, tmp_path)
     assert json.loads(r.stdout.splitlines()[-1])["token_ids"] == ref
     with pytest.raises(ValueError, match="outside the vocabulary"):
         LLM(tmp_path, device="cpu").generate([[1, 10**6]], greedy)
+
+
+def test_disk_tier_survives_a_restart_and_corrupt_files_are_misses(model, tok, tmp_path):
+    base = prompts(1, [50], seed=10)[0]
+    cfg = EngineConfig(block_size=16, num_blocks=64, disk_cache_dir=str(tmp_path / "kv"))
+    first = Engine(model, tok, cfg)
+    run(first, {0: [(base, SamplingParams(max_tokens=8, **GREEDY))]})
+    first.flush_cache()  # as a graceful shutdown does
+    files = sorted((tmp_path / "kv").glob("*.kv"))
+    assert len(files) == 3  # 58 tokens: 3 full blocks of 16
+    follow = base[:48] + [7, 8, 9]
+    ref = reference_greedy(model, follow, 64)
+    second = Engine(model, tok, cfg)  # a restart: an empty pool, the same directory
+    done, _ = run(second, {0: [(follow, SamplingParams(max_tokens=64, **GREEDY))]})
+    out = next(iter(done.values()))
+    assert out.num_cached_tokens == 48 and second.store.loaded == 3 and out.outputs[0].token_ids == ref
+    # Damaged files are misses, dropped, never a crash or a wrong token: a flipped byte in block 1, then a
+    # truncated block 0, then a valid file written for another model.
+    path = [tmp_path / "kv" / (h.hex() + ".kv") for h in second.pool.chain_hashes(base[:48], [])]
+    blob = path[1].read_bytes()
+    path[1].write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    for expect_cached, damage in ((16, "flipped byte in block 1"), (0, "truncated block 0"), (0, "foreign block 0")):
+        if damage == "truncated block 0":
+            path[0].write_bytes(path[0].read_bytes()[:100])
+        elif damage == "foreign block 0":  # a well-formed file, under this chain's name, of another model
+            foreign = Engine(model, tok, cfg, model_id="another model")
+            foreign.store.put(0, second.pool.chain_hashes(base[:16], [])[0])
+            assert path[0].exists()
+        engine = Engine(model, tok, cfg)
+        done, _ = run(engine, {0: [(follow, SamplingParams(max_tokens=64, **GREEDY))]})
+        out = next(iter(done.values()))
+        assert out.num_cached_tokens == expect_cached and out.outputs[0].token_ids == ref, damage
+        if damage == "flipped byte in block 1":
+            engine.flush_cache()  # the rerun stored blocks 1-2 again: damage block 0 on its own next
+            path[1].unlink()
+    assert not path[1].exists() and not path[0].exists()
+
+
+def test_host_tier_keeps_evicted_blocks(model, tok):
+    # 8 blocks of 16: the first prompt's blocks are evicted by the next request, spill to host memory, and come
+    # back for a request that repeats it.
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=8, host_cache_bytes=1 << 20))
+    a, b = prompts(2, [40, 120], seed=11)  # b needs all 8 blocks
+    run(engine, {0: [(a, SamplingParams(max_tokens=4, **GREEDY))]})
+    run(engine, {0: [(b, SamplingParams(max_tokens=4, **GREEDY))]})
+    assert not set(engine.pool.chain_hashes(a, [])) & set(engine.pool.by_hash)  # gone from the pool
+    done, _ = run(engine, {0: [(a, SamplingParams(max_tokens=20, **GREEDY))]})
+    out = next(iter(done.values()))
+    assert out.num_cached_tokens == 32 and engine.store.loaded == 2
+    assert out.outputs[0].token_ids == reference_greedy(model, a, 20)

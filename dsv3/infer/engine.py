@@ -16,6 +16,7 @@ import torch
 
 from dsv3.infer.detokenizer import IncrementalDetokenizer
 from dsv3.infer.kv_cache import BlockPool, allocate_pools, bytes_per_token, default_cache_bytes
+from dsv3.infer.prefix_cache import SpillStore
 from dsv3.infer.sampler import SamplingParams, TokenLogprobs, sample
 from dsv3.infer.scheduler import Scheduler, Sequence
 from dsv3.infer.speculative import propose, verify
@@ -33,6 +34,9 @@ class EngineConfig:
     max_batched_tokens: int = 2048  # tokens in one forward (prefill chunks + decode tokens)
     seed: int = 0  # of the generators of requests that give no seed
     speculative_tokens: int = 0  # MTP drafts per step (0: off; 1: V3's one MTP module, SPEC §8.2)
+    host_cache_bytes: int = 0  # prefix-cache blocks evicted from the pool are kept in host memory up to this
+    disk_cache_dir: str | None = None  # ... and then on disk here, across restarts (None: no disk tier)
+    disk_cache_bytes: int = 16 << 30
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -88,7 +92,11 @@ class Engine:
         self.pool = BlockPool(num_blocks, cfg.block_size, model_id)
         self.kv = allocate_pools(mcfg, num_blocks, cfg.block_size, mcfg.num_hidden_layers + self.spec, self.dtype,
                                  self.device)  # MTP module k's latents live in pool L + k - 1
-        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_batched_tokens)
+        self.store = None
+        if cfg.host_cache_bytes > 0 or cfg.disk_cache_dir:
+            self.store = SpillStore(self.kv, model_id, cfg.host_cache_bytes, cfg.disk_cache_dir, cfg.disk_cache_bytes)
+            self.pool.spill = self.store.put
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_batched_tokens, self.store)
         self.requests: dict[str, list[Sequence]] = {}
         self._rng = torch.Generator().manual_seed(cfg.seed)
         self._next_id = itertools.count()
@@ -126,6 +134,15 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def flush_cache(self) -> None:
+        """Every cached full block to the disk tier (graceful shutdown: the next start finds them)."""
+        if self.store is None:
+            return
+        for b, h in enumerate(self.pool.hash):
+            if h is not None:
+                self.store.put(b, h)
+        self.store.flush()
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

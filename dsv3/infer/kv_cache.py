@@ -54,6 +54,7 @@ class BlockPool:
         self.free: deque[int] = deque(range(num_blocks))  # unreferenced, holding nothing reusable
         self.cached: OrderedDict[int, None] = OrderedDict()  # unreferenced but hashed; least recent first
         self.hits = self.queries = 0  # prompt tokens served from / looked up in the prefix cache
+        self.spill = None  # called as spill(block, hash) before a cached block is overwritten (second tier)
 
     @property
     def num_free(self) -> int:
@@ -90,6 +91,8 @@ class BlockPool:
                 b = self.free.popleft()
             else:  # evict: the block's contents are about to be overwritten
                 b, _ = self.cached.popitem(last=False)
+                if self.spill is not None:
+                    self.spill(b, self.hash[b])
                 del self.by_hash[self.hash[b]]
                 self.hash[b] = None
             self.ref[b] = 1

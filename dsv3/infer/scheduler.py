@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv3.infer.kv_cache import BlockPool
+from dsv3.infer.prefix_cache import SpillStore
 from dsv3.infer.sampler import SamplingParams
 
 _ids = itertools.count()
@@ -72,8 +73,9 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_batched_tokens: int):
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_batched_tokens: int, store: SpillStore | None = None):
         self.pool, self.max_num_seqs, self.max_batched_tokens = pool, max_num_seqs, max_batched_tokens
+        self.store = store  # the prefix cache's host / disk tier, if any
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.preemptions = 0
@@ -124,6 +126,13 @@ class Scheduler:
         # At least the last token is recomputed: its logits are needed to sample.
         usable = (len(seq.all_ids) - 1) // bs
         blocks = self.pool.match(seq.hashes[:usable])
+        for h in seq.hashes[len(blocks):usable] if self.store is not None else ():  # then the second tier
+            new = self.pool.allocate(1)
+            if new is None or not self.store.load(new[0], h):
+                self.pool.release(new or [])
+                break
+            self.pool.register(new[0], h)
+            blocks += new
         first = not seq.output_ids and seq.num_cached == 0
         seq.blocks, seq.num_computed = blocks, len(blocks) * bs
         n = min(len(seq.all_ids) - seq.num_computed, budget)
