@@ -46,10 +46,3 @@ class PagedKV:
         blocks = self.block_tables[seq, : -(-n // self.block_size)]
         return self.kv[layer][blocks].flatten(0, 1)[:n]
 
-    def gather_batch(self, layer: int, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, C + Dr) latents of sequences `seqs`, right-padded to the longest (S), and their lengths (B,)."""
-        bs, lens = self.block_size, [self.seq_lens[b] for b in seqs]
-        n_blocks = -(-max(lens) // bs)
-        tables = self.block_tables[seqs, :n_blocks]  # (B, n_blocks); unused entries point at any block: masked
-        lat = self.kv[layer][tables].flatten(1, 2)  # (B, n_blocks * bs, C + Dr)
-        return lat, torch.tensor(lens, device=lat.device)

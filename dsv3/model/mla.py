@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.kernels.mla_decode import mla_decode
 from dsv3.model.cache import PagedKV
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, softmax_scale
@@ -94,8 +95,9 @@ class MLA(nn.Module):
                 out[s0:s1] = self._prefill(q_nope[s0:s1], q_pe[s0:s1], cache.gather(self.layer_idx, b))
         if decode:
             rows = torch.tensor([cache.query_start[b] for b in decode], device=q_nope.device)
-            lat_BSL, len_B = cache.gather_batch(self.layer_idx, decode)
-            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], lat_BSL.to(q_nope.dtype), len_B)
+            lens = torch.tensor([cache.seq_lens[b] for b in decode], device=q_nope.device)
+            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], cache.kv[self.layer_idx],
+                                       cache.block_tables[decode], lens)
         return out
 
     def _prefill(self, q_nope, q_pe, lat_SL):
@@ -111,15 +113,12 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=mask, scale=self.scale)
         return o.transpose(0, 1)  # (Tb, H, Dv)
 
-    def _absorbed(self, q_nope, q_pe, lat_BSL, len_B):
-        """One new token per sequence over its S_b cached latents (padded to S): W_UK folded into the query,
-        W_UV applied after attention (SPEC §4.4), so per-head K/V are never formed. (B, H, Dv)"""
+    def _absorbed(self, q_nope, q_pe, kv, block_tables, lens):
+        """One new token per sequence over its cached latents: W_UK folded into the query, W_UV applied after
+        attention (SPEC §4.4), so per-head K/V are never formed. (B, H, Dv)"""
         H = self.n_heads
         w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.c)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]  # (H, Dn, C), (H, Dv, C)
-        c_kv, k_pe = lat_BSL[..., : self.c], lat_BSL[..., self.c:]
         q_c = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)  # (B, H, C)
-        scores = (torch.einsum("bhc,bsc->bhs", q_c, c_kv) + torch.einsum("bhr,bsr->bhs", q_pe, k_pe)) * self.scale
-        pad = torch.arange(lat_BSL.shape[1], device=lat_BSL.device) >= len_B[:, None]  # (B, S)
-        p = scores.float().masked_fill(pad[:, None], float("-inf")).softmax(-1).to(q_c.dtype)
-        return torch.einsum("bhc,hvc->bhv", torch.einsum("bhs,bsc->bhc", p, c_kv), w_uv)
+        o_c = mla_decode(q_c, q_pe, kv, block_tables, lens, self.scale)  # (B, H, C)
+        return torch.einsum("bhc,hvc->bhv", o_c, w_uv)

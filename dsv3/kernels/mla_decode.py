@@ -1,0 +1,101 @@
+"""Absorbed MLA decode attention over a paged latent cache (SPEC §4.4): one new token per sequence attends over
+the S_b cached latents of its sequence, read block by block through its block table.
+
+    scores_bhs = (q_c_bhc · c_kv_bsc + q_pe_bhr · k_pe_bsr) · scale      c_kv / k_pe = the pool rows of seq b
+    o_bhc = softmax_s(scores) · c_kv_bsc                                  (W_UV is applied by the caller)
+
+Per-head K/V are never formed: all H heads share the same (C + Dr)-wide latent rows, which is what makes MLA
+decode cheap in memory traffic — every cached row is read once per sequence for all heads.
+
+`mla_decode` runs the Triton kernel on CUDA tensors (or anywhere under TRITON_INTERPRET=1, which is how CI
+tests it on a CPU) and the torch reference otherwise.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch reference serves
+    triton = None
+
+
+def mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale):
+    """q_c (B, H, C), q_pe (B, H, Dr), kv (blocks, bs, C + Dr), block_tables (B, max_blocks), seq_lens (B,)."""
+    C, bs = q_c.shape[-1], kv.shape[1]
+    n_blocks = -(-int(seq_lens.max()) // bs)
+    lat = kv[block_tables[:, :n_blocks]].flatten(1, 2).to(q_c.dtype)  # (B, S, C + Dr), S = n_blocks · bs
+    c_kv, k_pe = lat[..., :C], lat[..., C:]
+    scores = (torch.einsum("bhc,bsc->bhs", q_c, c_kv) + torch.einsum("bhr,bsr->bhs", q_pe, k_pe)) * scale
+    pad = torch.arange(lat.shape[1], device=lat.device) >= seq_lens[:, None]  # (B, S)
+    p = scores.float().masked_fill(pad[:, None], float("-inf")).softmax(-1).to(q_c.dtype)
+    return torch.einsum("bhs,bsc->bhc", p, c_kv)
+
+
+if triton is not None:
+    @triton.jit
+    def _mla_decode_kernel(q_c, q_pe, kv, tables, lens, out, scale, H, C, R, bs,
+                           s_qc_b, s_qc_h, s_qp_b, s_qp_h, s_kv_blk, s_kv_tok, s_tab_b, s_o_b, s_o_h,
+                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+        # One program: BLOCK_H heads of one sequence; online softmax over its tokens, BLOCK_N at a time.
+        b = tl.program_id(0)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        c = tl.arange(0, BLOCK_C)
+        r = tl.arange(0, BLOCK_R)
+        hm = h < H
+        qc = tl.load(q_c + b * s_qc_b + h[:, None] * s_qc_h + c[None, :], mask=hm[:, None] & (c[None, :] < C),
+                     other=0.0)  # (BLOCK_H, BLOCK_C)
+        qp = tl.load(q_pe + b * s_qp_b + h[:, None] * s_qp_h + r[None, :], mask=hm[:, None] & (r[None, :] < R),
+                     other=0.0)  # (BLOCK_H, BLOCK_R)
+        L = tl.load(lens + b)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+        start = 0
+        while start < L:  # `while`, not range(0, L, ...): Triton 3.6's interpreter fails on a runtime range
+            n = start + tl.arange(0, BLOCK_N)
+            nm = n < L
+            blk = tl.load(tables + b * s_tab_b + n // bs, mask=nm, other=0)
+            row = kv + blk * s_kv_blk + (n % bs) * s_kv_tok  # (BLOCK_N,) pointers to latent rows
+            ck = tl.load(row[:, None] + c[None, :], mask=nm[:, None] & (c[None, :] < C), other=0.0)
+            kp = tl.load(row[:, None] + C + r[None, :], mask=nm[:, None] & (r[None, :] < R), other=0.0)
+            s = tl.dot(qc, tl.trans(ck).to(qc.dtype)) + tl.dot(qp, tl.trans(kp).to(qp.dtype))  # (BLOCK_H, BLOCK_N)
+            s = tl.where(nm[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(ck.dtype), ck).to(tl.float32)
+            m_i = m_new
+            start += BLOCK_N
+        acc = acc / l_i[:, None]
+        tl.store(out + b * s_o_b + h[:, None] * s_o_h + c[None, :], acc.to(out.dtype.element_ty),
+                 mask=hm[:, None] & (c[None, :] < C))
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def mla_decode(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n: int = 32):
+    """(B, H, C) attention output over each sequence's cached latents; see the module docstring."""
+    if not _use_triton(q_c):
+        return mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale)
+    B, H, C = q_c.shape
+    R = q_pe.shape[-1]
+    q_c, q_pe = q_c.contiguous(), q_pe.contiguous().to(q_c.dtype)
+    kv = kv.to(q_c.dtype) if kv.dtype != q_c.dtype else kv
+    tables, lens = block_tables.contiguous().to(torch.int32), seq_lens.contiguous().to(torch.int32)
+    out = torch.empty_like(q_c)
+    block_h = 16  # tl.dot wants M >= 16; fewer heads are masked
+    grid = (B, triton.cdiv(H, block_h))
+    _mla_decode_kernel[grid](q_c, q_pe, kv, tables, lens, out, scale, H, C, R, kv.shape[1],
+                             q_c.stride(0), q_c.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
+                             kv.stride(1), tables.stride(0), out.stride(0), out.stride(1),
+                             BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_C=max(16, triton.next_power_of_2(C)),
+                             BLOCK_R=max(16, triton.next_power_of_2(R)))
+    return out
