@@ -52,6 +52,11 @@ def cmd_generate(args) -> None:
     run(args)
 
 
+def cmd_chat(args) -> None:
+    from dsv3.infer.chat import run
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -85,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete a prompt or fill in the middle with a checkpoint (streams text)")
     generate.add_args(gen)
     gen.set_defaults(fn=cmd_generate)
+
+    from dsv3.infer import chat
+    ch = sub.add_parser("chat", help="interactive multi-turn chat with a checkpoint (streams tokens)")
+    chat.add_args(ch)
+    ch.set_defaults(fn=cmd_chat)
 
     plot = sub.add_parser("plot", help="PNG of a run's loss, learning rate and expert-load balance")
     plot.add_argument("run_dir", help="a run directory written by dsv3 train")

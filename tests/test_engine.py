@@ -302,3 +302,25 @@ def test_host_tier_keeps_evicted_blocks(model, tok):
     out = next(iter(done.values()))
     assert out.num_cached_tokens == 32 and engine.store.loaded == 2
     assert out.outputs[0].token_ids == reference_greedy(model, a, 20)
+
+
+def test_chat_cli_streams_turns_and_keeps_history_without_reasoning(model, tok, tmp_path):
+    from dsv3.infer.chat import _Stream
+    save_model(model, tmp_path)
+    tok.save(tmp_path)
+    script = "the king speaks\n/save " + str(tmp_path / "chat.json") + "\n/quit\n"
+    r = subprocess.run([sys.executable, "-m", "dsv3", "chat", str(tmp_path), "--temperature", "0", "--max-tokens", "8",
+                        "--system", "be brief"], input=script, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert [m["role"] for m in saved] == ["system", "user", "assistant"]
+    prompt = tok.apply_chat_template(saved[:2], add_generation_prompt=True, tokenize=True)
+    expect = tok.decode(reference_greedy(model, prompt, 8), skip_special_tokens=True)
+    assert saved[2]["content"] == expect.strip() and expect in r.stdout
+    # Reasoning between <think> and </think> streams (dimmed on a terminal) but stays out of the history.
+    import io
+    out = io.StringIO()
+    s = _Stream(out, color=True)
+    for d in ["<think>", "let me ", "see", "</think>", "The answer", " is 4."]:
+        s.write(d)
+    assert s.answer == "The answer is 4." and "\x1b[2mlet me \x1b[0m" in out.getvalue()
