@@ -24,7 +24,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    cfg = ModelConfig.from_hf_dict({"model_type": "deepseek_v3", **small_v3(vocab_size=576), "num_nextn_predict_layers": 1})
+    cfg = ModelConfig.from_hf_dict({"model_type": "deepseek_v3", **small_v3(vocab_size=576),
+                                    "num_nextn_predict_layers": 1})
     return random_model(cfg, std=0.2)
 
 
@@ -67,9 +68,8 @@ def test_greedy_engine_equals_full_recomputation_with_joins_and_chunked_prefill(
                                              speculative_tokens=spec))
     ps = prompts(4, [5, 37, 70, 19])
     lens = [64, 70, 65, 66]
-    schedule = {0: [(ps[0], SamplingParams(max_tokens=lens[0], **GREEDY)), (ps[1], SamplingParams(max_tokens=lens[1], **GREEDY))],
-                3: [(ps[2], SamplingParams(max_tokens=lens[2], **GREEDY))],
-                20: [(ps[3], SamplingParams(max_tokens=lens[3], **GREEDY))]}
+    sp = [SamplingParams(max_tokens=n, **GREEDY) for n in lens]
+    schedule = {0: [(ps[0], sp[0]), (ps[1], sp[1])], 3: [(ps[2], sp[2])], 20: [(ps[3], sp[3])]}
     done, ids = run(engine, schedule)
     for rid, out in done.items():
         p = ids[rid]
@@ -208,7 +208,8 @@ def test_cache_bytes_per_token_is_the_latent_width(model):
     assert bytes_per_token(cfg, torch.float32) == (16 + 8) * 3 * 4
     assert bytes_per_token(cfg, torch.bfloat16, extra_layers=1) == (16 + 8) * 4 * 2
     for spec in (0, 1):  # with MTP speculation its module's latents are cached too
-        engine = Engine(model, train_bpe(TEXT, 512), EngineConfig(block_size=16, num_blocks=10, speculative_tokens=spec))
+        engine = Engine(model, train_bpe(TEXT, 512),
+                        EngineConfig(block_size=16, num_blocks=10, speculative_tokens=spec))
         stored = sum(t.numel() * t.element_size() for t in engine.kv)
         assert stored == 10 * 16 * (16 + 8) * (3 + spec) * 4
 
@@ -231,7 +232,8 @@ def test_absorbed_decode_matches_expanded_attention_per_layer(model):
             slots = lambda p: torch.tensor([table[0, i // bs] * bs + i % bs for i in p])  # noqa: E731
             attn(x[: T - 1], cos[0, : T - 1], sin[0, : T - 1],
                  cache=PagedKV(pools, slots(range(T - 1)), table, [T - 1], [T - 1]))
-            last = attn(x[T - 1:], cos[0, T - 1:], sin[0, T - 1:], cache=PagedKV(pools, slots([T - 1]), table, [T], [1]))
+            last = attn(x[T - 1:], cos[0, T - 1:], sin[0, T - 1:],
+                        cache=PagedKV(pools, slots([T - 1]), table, [T], [1]))
         assert rel_err(last[0], full) < 1e-5
 
 

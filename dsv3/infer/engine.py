@@ -85,7 +85,8 @@ class Engine:
         self.drafted = self.accepted = 0  # draft tokens proposed / accepted
         per_block = bytes_per_token(mcfg, self.dtype, extra_layers=self.spec) * cfg.block_size
         enough = cfg.max_num_seqs * -(-self.max_len // cfg.block_size)
-        num_blocks = cfg.num_blocks or min(enough, default_cache_bytes(self.device, cfg.cache_memory_fraction) // per_block)
+        by_memory = default_cache_bytes(self.device, cfg.cache_memory_fraction) // per_block
+        num_blocks = cfg.num_blocks or min(enough, by_memory)
         # The prefix cache is only sound between identical models: name it by the config and the weights' shapes
         # and a fingerprint of a few values (cheap; a different checkpoint of the same shape differs there).
         model_id = model_id or _fingerprint(model)
@@ -111,7 +112,8 @@ class Engine:
         if len(ids) >= self.max_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_len}")
         if (bad := [t for t in ids if not 0 <= t < self.model.config.vocab_size]):
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                             f"(0..{self.model.config.vocab_size - 1})")
         request_id = request_id or f"req-{next(self._next_id)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
