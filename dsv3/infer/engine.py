@@ -21,6 +21,7 @@ from dsv3.infer.sampler import SamplingParams, TokenLogprobs, sample
 from dsv3.infer.scheduler import Scheduler, Sequence
 from dsv3.infer.speculative import propose, verify
 from dsv3.model import PagedKV, Transformer
+from dsv3.model.cache import to_device
 from dsv3.tokenizer import Tokenizer
 
 
@@ -186,7 +187,7 @@ class Engine:
                 rows[seq.seq_id] = list(range(len(logit_rows), len(logit_rows) + k))
                 logit_rows += range(start - k, start)
         cache = PagedKV(self.kv, slots, tables, [s.num_computed + n for s, n in pairs], [n for _, n in pairs],
-                        torch.tensor(logit_rows, device=self.device, dtype=torch.long))
+                        to_device(logit_rows, self.device))
         out = self.model(ids, positions=pos, cache=cache)
         return out.logits.float(), out.hidden, rows
 
@@ -200,8 +201,8 @@ class Engine:
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(c, c + n)]
         width = max(len(s.blocks) for s, _ in pairs)
         tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _ in pairs]  # padding is masked out
-        t = lambda x: torch.tensor(x, device=self.device, dtype=torch.long)  # noqa: E731
-        return t(ids), t(pos), t(slots), t(tables)
+        return (to_device(ids, self.device), to_device(pos, self.device), to_device(slots, self.device),
+                to_device(tables, self.device))
 
     def _decide(self, ends, logits, rows) -> dict[int, tuple[list[int], list]]:
         """The tokens each sequence gains: a plain sample, or the outcome of verifying its draft."""
@@ -243,7 +244,7 @@ class Engine:
             if seq.seq_id in want and seq.num_computed + 1 == len(seq.all_ids):
                 last.append(start - 1)
         cache = PagedKV(self.kv, slots, tables, [s.num_computed for s, _ in keep], [m for _, m in keep],
-                        torch.tensor(last, device=self.device, dtype=torch.long))
+                        to_device(last, self.device))
         logits = self.model.draft(ids, hidden[offsets], pos, cache).float()
         drafting = [s for s, _ in keep if s.seq_id in want and s.num_computed + 1 == len(s.all_ids)]
         for seq, row in zip(drafting, logits):

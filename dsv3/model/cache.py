@@ -24,6 +24,10 @@ class PagedKV:
     query_lens: list[int]  # per sequence: new tokens in this step, in flat-batch order
     logits_indices: torch.Tensor | None = None  # flat rows whose logits are wanted (None: all)
     query_start: list[int] = field(init=False)
+    decode: list[int] = field(init=False)  # sequences with one new token: the absorbed path, batched
+    decode_rows: torch.Tensor | None = field(init=False, default=None)  # their rows in the flat batch
+    decode_lens: torch.Tensor | None = field(init=False, default=None)  # their cache lengths
+    decode_tables: torch.Tensor | None = field(init=False, default=None)  # their block tables
 
     def __post_init__(self):
         if len(self.seq_lens) != len(self.query_lens):
@@ -31,6 +35,18 @@ class PagedKV:
         self.query_start = [0]
         for n in self.query_lens:
             self.query_start.append(self.query_start[-1] + n)
+        # Device copies made once per step, not once per layer: a copy from pageable host memory waits for the
+        # GPU to drain, so one inside the layer loop would serialize every layer's launches with its kernels.
+        self.decode = [b for b, n in enumerate(self.query_lens) if n == 1]
+        if self.decode:
+            dev = self.block_tables.device
+            rows, lens = to_device([self.query_start[b] for b in self.decode], dev), to_device(
+                [self.seq_lens[b] for b in self.decode], dev)
+            self.decode_rows, self.decode_lens = rows, lens
+            n = len(self.decode)
+            contiguous = self.decode == list(range(self.decode[0], self.decode[0] + n))
+            self.decode_tables = (self.block_tables[self.decode[0]:self.decode[0] + n] if contiguous
+                                  else self.block_tables[to_device(self.decode, dev)])
 
     @property
     def block_size(self) -> int:
@@ -46,3 +62,11 @@ class PagedKV:
         blocks = self.block_tables[seq, : -(-n // self.block_size)]
         return self.kv[layer][blocks].flatten(0, 1)[:n]
 
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 tensor on `device` without stalling the GPU: staged in pinned memory, copied asynchronously."""
+    t = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

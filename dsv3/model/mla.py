@@ -87,17 +87,13 @@ class MLA(nn.Module):
         over their cached prefix; single-token decode rows are batched through the absorbed path.
         """
         out = q_nope.new_empty(*q_nope.shape[:2], self.dv)
-        decode = []
         for b, (s0, s1) in enumerate(zip(cache.query_start, cache.query_start[1:])):
-            if s1 - s0 == 1:
-                decode.append(b)
-            elif s1 > s0:
+            if s1 - s0 > 1:
                 out[s0:s1] = self._prefill(q_nope[s0:s1], q_pe[s0:s1], cache.gather(self.layer_idx, b))
-        if decode:
-            rows = torch.tensor([cache.query_start[b] for b in decode], device=q_nope.device)
-            lens = torch.tensor([cache.seq_lens[b] for b in decode], device=q_nope.device)
-            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], cache.kv[self.layer_idx],
-                                       cache.block_tables[decode], lens)
+        if cache.decode:
+            rows = cache.decode_rows
+            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], cache.kv[self.layer_idx], cache.decode_tables,
+                                       cache.decode_lens)
         return out
 
     def _prefill(self, q_nope, q_pe, lat_SL):
