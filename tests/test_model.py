@@ -221,3 +221,22 @@ def test_group_score_equals_topk_two_sum_with_ties():
     x[0, 0, :3] = 5.0  # a tie at the top counts twice, as with topk
     x[1, 1, :] = 0.25
     assert torch.equal(_top2_sum(x), x.topk(2, dim=-1).values.sum(-1))
+
+
+def test_mla_decode_reference_in_length_buckets_equals_one_padded_batch():
+    from dsv3.kernels.mla_decode import mla_decode_reference
+    g = torch.Generator().manual_seed(0)
+    B, H, C, R, bs = 21, 3, 16, 8, 4
+    lens = torch.randint(1, 30, (B,), generator=g)
+    kv = torch.randn(200, bs, C + R, generator=g, dtype=torch.float64)
+    tables = torch.randperm(200, generator=g)[: B * 8].view(B, 8)
+    q_c = torch.randn(B, H, C, generator=g, dtype=torch.float64)
+    q_pe = torch.randn(B, H, R, generator=g, dtype=torch.float64)
+    bucketed = mla_decode_reference(q_c, q_pe, kv, tables, lens, 0.2, buckets=4)
+    one = mla_decode_reference(q_c, q_pe, kv, tables, lens, 0.2, buckets=1)
+    # and each row against a direct softmax over exactly its own S_b cached rows
+    for b in [0, 7, 20]:
+        lat = kv[tables[b]].flatten(0, 1)[: lens[b]]
+        p = torch.softmax((lat @ torch.cat((q_c[b], q_pe[b]), -1).T).T * 0.2, -1)
+        assert torch.allclose(bucketed[b], p @ lat[:, :C], atol=1e-12)
+    assert torch.allclose(bucketed, one, atol=1e-12)
