@@ -65,7 +65,8 @@ def report(cfg: ModelConfig, seq_len: int = 4096, as_json: bool = False) -> str:
     mla = s["kv_cache_bytes_per_token"]
     mha = s["mha_kv_cache_bytes_per_token"]
     q = "none (q_proj)" if cfg.q_lora_rank is None else cfg.q_lora_rank
-    routing = (f"{cfg.n_routed_experts} routed experts of width {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}"
+    routing = (f"{cfg.n_routed_experts} routed experts of width {cfg.moe_intermediate_size}, "
+               f"top-{cfg.num_experts_per_tok}"
                f" ({cfg.scoring_func}, {cfg.topk_method}, groups {cfg.topk_group}/{cfg.n_group}), "
                f"{cfg.n_shared_experts} shared" if cfg.n_routed_experts else "dense")
     lines = [

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+ABSORBED_MAX_QUERY = 4  # sequences with at most this many new tokens use the absorbed path (decode, MTP checks)
+
+
 @dataclass
 class PagedKV:
     kv: list[torch.Tensor]  # per layer: (num_blocks, block_size, C + Dr)
@@ -24,10 +27,10 @@ class PagedKV:
     query_lens: list[int]  # per sequence: new tokens in this step, in flat-batch order
     logits_indices: torch.Tensor | None = None  # flat rows whose logits are wanted (None: all)
     query_start: list[int] = field(init=False)
-    decode: list[int] = field(init=False)  # sequences with one new token: the absorbed path, batched
-    decode_rows: torch.Tensor | None = field(init=False, default=None)  # their rows in the flat batch
-    decode_lens: torch.Tensor | None = field(init=False, default=None)  # their cache lengths
-    decode_tables: torch.Tensor | None = field(init=False, default=None)  # their block tables
+    decode: list[int] = field(init=False)  # sequences with few new tokens: each row on the absorbed path
+    decode_rows: torch.Tensor | None = field(init=False, default=None)  # those rows in the flat batch
+    decode_lens: torch.Tensor | None = field(init=False, default=None)  # the cache length each row sees
+    decode_tables: torch.Tensor | None = field(init=False, default=None)  # each row's block table
 
     def __post_init__(self):
         if len(self.seq_lens) != len(self.query_lens):
@@ -37,16 +40,17 @@ class PagedKV:
             self.query_start.append(self.query_start[-1] + n)
         # Device copies made once per step, not once per layer: a copy from pageable host memory waits for the
         # GPU to drain, so one inside the layer loop would serialize every layer's launches with its kernels.
-        self.decode = [b for b, n in enumerate(self.query_lens) if n == 1]
+        # Decode tokens and speculative verification rows go through absorbed attention, one row per token:
+        # new token i of a sequence with q new tokens sees the first (seq_len - q + 1 + i) cache rows.
+        self.decode = [b for b, n in enumerate(self.query_lens) if 0 < n <= ABSORBED_MAX_QUERY]
         if self.decode:
             dev = self.block_tables.device
-            rows, lens = to_device([self.query_start[b] for b in self.decode], dev), to_device(
-                [self.seq_lens[b] for b in self.decode], dev)
-            self.decode_rows, self.decode_lens = rows, lens
-            n = len(self.decode)
-            contiguous = self.decode == list(range(self.decode[0], self.decode[0] + n))
-            self.decode_tables = (self.block_tables[self.decode[0]:self.decode[0] + n] if contiguous
-                                  else self.block_tables[to_device(self.decode, dev)])
+            each = [(b, i) for b in self.decode for i in range(self.query_lens[b])]
+            self.decode_rows = to_device([self.query_start[b] + i for b, i in each], dev)
+            self.decode_lens = to_device([self.seq_lens[b] - self.query_lens[b] + 1 + i for b, i in each], dev)
+            seqs = [b for b, _ in each]
+            self.decode_tables = (self.block_tables if seqs == list(range(len(self.seq_lens)))
+                                  else self.block_tables[to_device(seqs, dev)])
 
     @property
     def block_size(self) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels.mla_decode import mla_decode
-from dsv3.model.cache import PagedKV
+from dsv3.model.cache import ABSORBED_MAX_QUERY, PagedKV
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, softmax_scale
 
@@ -83,12 +83,12 @@ class MLA(nn.Module):
     def _paged(self, q_nope, q_pe, cache: PagedKV):
         """Attention of the flat batch's new tokens over their sequences' cached latents: (T, H, Dv).
 
-        Sequences with several new tokens (prefill chunks, speculative verification) take the expanded path
-        over their cached prefix; single-token decode rows are batched through the absorbed path.
+        Prefill chunks take the expanded path over their cached prefix; decode tokens and speculative
+        verification rows (a few new tokens) are batched, one row per token, through the absorbed path.
         """
         out = q_nope.new_empty(*q_nope.shape[:2], self.dv)
         for b, (s0, s1) in enumerate(zip(cache.query_start, cache.query_start[1:])):
-            if s1 - s0 > 1:
+            if s1 - s0 > ABSORBED_MAX_QUERY:
                 out[s0:s1] = self._prefill(q_nope[s0:s1], q_pe[s0:s1], cache.gather(self.layer_idx, b))
         if cache.decode:
             rows = cache.decode_rows
