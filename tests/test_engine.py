@@ -129,8 +129,9 @@ def test_speculative_sampling_keeps_the_main_models_distribution():
     assert chi2 < 18.47, (chi2, counts / n)
 
 
-def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(model, tok):
-    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64))
+@pytest.mark.parametrize("spec", [0, 1])
+def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(model, tok, spec):
+    engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, speculative_tokens=spec))
     base = prompts(1, [50])[0]
     first, _ = run(engine, {0: [(base, SamplingParams(max_tokens=8, **GREEDY))]})
     assert next(iter(first.values())).num_cached_tokens == 0
@@ -256,9 +257,10 @@ def test_llm_api_and_generate_cli_match_full_recomputation(model, tok, tmp_path)
         LLM(tmp_path, device="cpu").generate([[1, 10**6]], greedy)
 
 
-def test_disk_tier_survives_a_restart_and_corrupt_files_are_misses(model, tok, tmp_path):
+@pytest.mark.parametrize("spec", [0, 1])
+def test_disk_tier_survives_a_restart_and_corrupt_files_are_misses(model, tok, tmp_path, spec):
     base = prompts(1, [50], seed=10)[0]
-    cfg = EngineConfig(block_size=16, num_blocks=64, disk_cache_dir=str(tmp_path / "kv"))
+    cfg = EngineConfig(block_size=16, num_blocks=64, disk_cache_dir=str(tmp_path / "kv"), speculative_tokens=spec)
     first = Engine(model, tok, cfg)
     run(first, {0: [(base, SamplingParams(max_tokens=8, **GREEDY))]})
     first.flush_cache()  # as a graceful shutdown does
