@@ -53,6 +53,6 @@ class LLM:
                 if out.finished:
                     done[out.request_id] = out
                     bar.update(1)
-            bar.set_postfix(tok_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f}")
+            bar.set_postfix(tok_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f}", refresh=False)
         bar.close()
         return [done[i] for i in ids]

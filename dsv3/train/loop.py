@@ -202,8 +202,9 @@ class Trainer:
                 if self.device.type == "cuda":
                     rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / H100_BF16_FLOPS
                 self.log.write(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:,.0f}",
+                                refresh=False)  # update() redraws, at most every 0.1 s
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:,.0f}")
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     last_eval = self.evaluate()
                     self.log.write(last_eval)
