@@ -177,7 +177,8 @@ class Engine:
     def _forward(self, pairs, ends):
         """The main model over the flat batch: logits of the rows that sample or verify, all hidden states, and
         each such sequence's logits rows."""
-        ids, pos, slots, tables = self._flat(pairs, lambda s: s.all_ids + s.draft)
+        ids, pos, slots, tables = self._flat([(s, s.num_computed, n) for s, n in pairs],
+                                             lambda s: s.all_ids + s.draft)
         want, rows, logit_rows = {s.seq_id for s in ends}, {}, []
         start = 0
         for seq, n in pairs:
@@ -191,16 +192,16 @@ class Engine:
         out = self.model(ids, positions=pos, cache=cache)
         return out.logits.float(), out.hidden, rows
 
-    def _flat(self, pairs, tokens_of):
-        """Token ids, positions, cache slots and block tables of `n` tokens from each sequence's num_computed."""
+    def _flat(self, spans, tokens_of):
+        """Token ids, positions, cache slots and block tables of the flat batch: `n` tokens of each sequence
+        from position `start`, for (seq, start, n) in `spans`."""
         bs, ids, pos, slots = self.config.block_size, [], [], []
-        for seq, n in pairs:
-            c, toks = seq.num_computed, tokens_of(seq)
-            ids += toks[c:c + n]
+        for seq, c, n in spans:
+            ids += tokens_of(seq)[c:c + n]
             pos += range(c, c + n)
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(c, c + n)]
-        width = max(len(s.blocks) for s, _ in pairs)
-        tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _ in pairs]  # padding is masked out
+        width = max(len(s.blocks) for s, _, _ in spans)
+        tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _, _ in spans]  # padding is masked out
         return (to_device(ids, self.device), to_device(pos, self.device), to_device(slots, self.device),
                 to_device(tables, self.device))
 
@@ -223,33 +224,29 @@ class Engine:
     def _draft(self, pairs, valid, hidden) -> None:
         """MTP over every main row whose next token is now known (its own latent cache stays complete), and a
         draft for each sequence that will decode next step."""
-        keep, offsets, start = [], [], 0
+        spans, offsets, start = [], [], 0  # (seq, first position, rows) and their rows in the main batch
         for seq, n in pairs:
+            m = valid[seq.seq_id]
             if not seq.finished:
-                keep.append((seq, valid[seq.seq_id]))
-                offsets += range(start, start + valid[seq.seq_id])
+                spans.append((seq, seq.num_computed - m, m))
+                offsets += range(start, start + m)
             start += n
-        if not keep:
+        if not spans:
             return
-        for seq, m in keep:  # _flat reads from num_computed: step back over the rows just cached
-            seq.num_computed -= m
-        ids, pos, slots, tables = self._flat(keep, lambda s: s.all_ids[1:])  # row i pairs h_i with t_{i+1}
-        for seq, m in keep:
-            seq.num_computed += m
-        room = [s for s, _ in keep if not s.in_prefill and len(s.all_ids) + 1 < self.max_len]
-        want = {s.seq_id for s in room}
-        last, start = [], 0
-        for seq, m in keep:
-            start += m
-            if seq.seq_id in want and seq.num_computed + 1 == len(seq.all_ids):
-                last.append(start - 1)
-        cache = PagedKV(self.kv, slots, tables, [s.num_computed for s, _ in keep], [m for _, m in keep],
+        ids, pos, slots, tables = self._flat(spans, lambda s: s.all_ids[1:])  # row i pairs h_i with t_{i+1}
+        drafting, last, end = [], [], 0  # decoding next step: every known token but the newest is cached
+        for seq, _, m in spans:
+            end += m
+            if (not seq.in_prefill and seq.num_computed + 1 == len(seq.all_ids)
+                    and len(seq.all_ids) + 1 < self.max_len):
+                drafting.append(seq)
+                last.append(end - 1)
+        cache = PagedKV(self.kv, slots, tables, [s.num_computed for s, _, _ in spans], [m for _, _, m in spans],
                         to_device(last, self.device))
         logits = self.model.draft(ids, hidden[offsets], pos, cache).float()
-        drafting = [s for s, _ in keep if s.seq_id in want and s.num_computed + 1 == len(s.all_ids)]
         for seq, row in zip(drafting, logits):
-            d, q = propose(row, seq, self.tokenizer.eos_id)
-            seq.draft, seq.draft_q = [d], q
+            d, seq.draft_q = propose(row, seq, self.tokenizer.eos_id)
+            seq.draft = [d]
 
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None) -> None:
         """Record a sampled token, stream its text, and decide whether the sequence is done."""

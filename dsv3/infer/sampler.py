@@ -203,14 +203,26 @@ def sample(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[lis
         probs_RV = x_RV[rows].softmax(dim=-1)
         token_R[rows] = (probs_RV / _exp_noise(generators, rows, V, x_RV.device)).argmax(dim=-1)
     token_ids = token_R.tolist()
-    logprobs: list[TokenLogprobs | None] = [None] * R
-    lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if lp_rows:
-        lp_RV = torch.log_softmax(logits_RV[lp_rows].float(), dim=-1)  # RAW logits: see the module docstring
-        chosen_R = lp_RV.gather(1, token_R[lp_rows, None])[:, 0]
-        top_lp_RK, top_id_RK = lp_RV.topk(min(max(params[i].logprobs for i in lp_rows), V), dim=-1)
-        chosen, top_lp, top_id = chosen_R.tolist(), top_lp_RK.tolist(), top_id_RK.tolist()
-        for j, i in enumerate(lp_rows):
-            k = params[i].logprobs
-            logprobs[i] = TokenLogprobs(token_ids[i], chosen[j], list(zip(top_id[j][:k], top_lp[j][:k])))
-    return SampleOutput(token_ids=token_ids, logprobs=logprobs)
+    return SampleOutput(token_ids, token_logprobs(logits_RV, token_ids, [p.logprobs for p in params]))
+
+
+def draw(probs_V: Tensor, generator: torch.Generator | None) -> int:
+    """One draw from `probs_V` (need not be normalized), the way `sample` draws: one RNG call, argmax p / E."""
+    return int((probs_V / _exp_noise([generator], [0], probs_V.shape[-1], probs_V.device)[0]).argmax())
+
+
+def token_logprobs(raw_RV: Tensor, token_ids: list[int], ks: list[int | None]) -> list[TokenLogprobs | None]:
+    """Per row that asks (k not None): the chosen token's log-prob and the top-k alternatives, from log_softmax of
+    the RAW logits (see the module docstring)."""
+    out: list[TokenLogprobs | None] = [None] * len(ks)
+    rows = [i for i, k in enumerate(ks) if k is not None]
+    if not rows:
+        return out
+    lp_RV = torch.log_softmax(raw_RV[rows].float(), dim=-1)
+    chosen_R = lp_RV.gather(1, torch.tensor([token_ids[i] for i in rows], device=lp_RV.device)[:, None])[:, 0]
+    top_lp_RK, top_id_RK = lp_RV.topk(min(max(ks[i] for i in rows), lp_RV.shape[-1]), dim=-1)
+    chosen, top_lp, top_id = chosen_R.tolist(), top_lp_RK.tolist(), top_id_RK.tolist()
+    for j, i in enumerate(rows):
+        k = ks[i]
+        out[i] = TokenLogprobs(token_ids[i], chosen[j], list(zip(top_id[j][:k], top_lp[j][:k])))
+    return out

@@ -36,6 +36,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)  # block table
     hashes: list[bytes] = field(default_factory=list)  # hash chain of the full blocks of all_ids known so far
     num_computed: int = 0  # tokens whose latents are in the cache
+    num_registered: int = 0  # leading blocks already named in the prefix cache
     num_cached: int = 0  # prompt tokens the prefix cache supplied at first admission
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
@@ -134,11 +135,11 @@ class Scheduler:
             self.pool.register(new[0], h)
             blocks += new
         first = not seq.output_ids and seq.num_cached == 0
-        seq.blocks, seq.num_computed = blocks, len(blocks) * bs
+        seq.blocks, seq.num_computed, seq.num_registered = blocks, len(blocks) * bs, len(blocks)
         n = min(len(seq.all_ids) - seq.num_computed, budget)
         if not self._grow(seq, seq.num_computed + n):
             self.pool.release(seq.blocks)
-            seq.blocks, seq.num_computed = [], 0
+            seq.blocks, seq.num_computed, seq.num_registered = [], 0, 0
             return 0
         if first:
             self.pool.queries += len(seq.prompt_ids)
@@ -159,7 +160,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq.blocks)
-        seq.blocks, seq.num_computed, seq.draft, seq.draft_q = [], 0, [], None
+        seq.blocks, seq.num_computed, seq.num_registered, seq.draft, seq.draft_q = [], 0, 0, [], None
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
@@ -167,10 +168,11 @@ class Scheduler:
         """`n` more tokens of `seq` are in the cache: name the blocks they completed."""
         seq.num_computed += n
         full = min(seq.num_computed, len(seq.all_ids)) // self.pool.block_size  # an accepted draft: next time
-        if full > len(seq.hashes):
+        if full > seq.num_registered:
             seq.hashes = self.pool.chain_hashes(seq.all_ids[: full * self.pool.block_size], seq.hashes)
-        for i in range(full):
-            self.pool.register(seq.blocks[i], seq.hashes[i])
+            for i in range(seq.num_registered, full):
+                self.pool.register(seq.blocks[i], seq.hashes[i])
+            seq.num_registered = full
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.infer.sampler import TokenLogprobs, process_logits, sample
-
-
-def draw(probs_V: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One draw from `probs_V` (need not be normalized) with one RNG call: argmax p / E, E ~ Exp(1)."""
-    u = torch.rand(probs_V.shape, generator=generator,
-                   device=generator.device if generator is not None else probs_V.device).to(probs_V.device)
-    return int((probs_V / -torch.log(u)).argmax())
+from dsv3.infer.sampler import TokenLogprobs, draw, process_logits, sample, token_logprobs
 
 
 def propose(mtp_logits_V: torch.Tensor, seq, eos_id: int | None) -> tuple[int, torch.Tensor | None]:
@@ -46,14 +39,7 @@ def verify(logits_2V: torch.Tensor, seq, eos_id: int | None) -> tuple[list[int],
     u = float(torch.rand((), generator=g, device=g.device if g is not None else "cpu"))
     if u * float(q[d]) <= float(target[d]):  # accepted with probability min(1, p(d) / q(d))
         res = sample(logits_2V[1:], [p], [seq.prompt_ids], outs[1:], [g], eos_id)
-        return [d, res.token_ids[0]], [_logprobs(logits_2V[0], d, p.logprobs), res.logprobs[0]]
+        return [d, res.token_ids[0]], token_logprobs(logits_2V[:1], [d], [p.logprobs]) + res.logprobs
     x = draw((target - q).clamp_(min=0), g)  # the residual: p where the draft under-proposed
-    return [x], [_logprobs(logits_2V[0], x, p.logprobs)]
+    return [x], token_logprobs(logits_2V[:1], [x], [p.logprobs])
 
-
-def _logprobs(raw_V: torch.Tensor, token: int, k: int | None) -> TokenLogprobs | None:
-    if k is None:
-        return None
-    lp = torch.log_softmax(raw_V.float(), -1)
-    top = lp.topk(k) if k else None
-    return TokenLogprobs(token, float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())) if k else [])

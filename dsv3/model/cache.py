@@ -67,7 +67,6 @@ class PagedKV:
         return self.kv[layer][blocks].flatten(0, 1)[:n]
 
 
-
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 tensor on `device` without stalling the GPU: staged in pinned memory, copied asynchronously."""
     t = torch.tensor(values, dtype=torch.long)

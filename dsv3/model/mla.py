@@ -110,8 +110,8 @@ class MLA(nn.Module):
         return o.transpose(0, 1)  # (Tb, H, Dv)
 
     def _absorbed(self, q_nope, q_pe, kv, block_tables, lens):
-        """One new token per sequence over its cached latents: W_UK folded into the query, W_UV applied after
-        attention (SPEC §4.4), so per-head K/V are never formed. (B, H, Dv)"""
+        """One row per new token, each over its own prefix of its sequence's cached latents: W_UK folded into
+        the query, W_UV applied after attention (SPEC §4.4), so per-head K/V are never formed. (B, H, Dv)"""
         H = self.n_heads
         w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.c)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]  # (H, Dn, C), (H, Dv, C)
