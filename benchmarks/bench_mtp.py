@@ -27,6 +27,7 @@ from dsv3.tokenizer import Tokenizer  # noqa: E402
 
 def decode(model, tok, prompts, new_tokens, spec):
     engine = Engine(model, tok, EngineConfig(max_num_seqs=len(prompts), speculative_tokens=spec))
+    engine.warmup()  # CUDA graphs recorded before the clock starts
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -87,11 +87,14 @@ class _Oracle:
     def __init__(self, refs):
         self.refs, self.calls = refs, 0  # prompt tuple -> the full greedy continuation
 
-    def __call__(self, row, seq, eos_id):
-        ref, i = self.refs[tuple(seq.prompt_ids)], len(seq.output_ids)  # the draft stands for output[i]
-        right = ref[i] if i < len(ref) else 0
-        self.calls += 1
-        return (right if self.calls % 2 else (right + 1) % 500), None
+    def __call__(self, logits, seqs, eos_id):
+        drafts = []
+        for seq in seqs:
+            ref, i = self.refs[tuple(seq.prompt_ids)], len(seq.output_ids)  # the draft stands for output[i]
+            right = ref[i] if i < len(ref) else 0
+            self.calls += 1
+            drafts.append(right if self.calls % 2 else (right + 1) % 500)
+        return drafts, [None] * len(seqs)
 
 
 def test_mtp_speculation_accepting_and_rejecting_keeps_greedy_tokens(model, tok, monkeypatch):
@@ -213,7 +216,7 @@ def test_cache_bytes_per_token_is_the_latent_width(model):
         engine = Engine(model, train_bpe(TEXT, 512),
                         EngineConfig(block_size=16, num_blocks=10, speculative_tokens=spec))
         stored = sum(t.numel() * t.element_size() for t in engine.kv)
-        assert stored == 10 * 16 * (16 + 8) * (3 + spec) * 4
+        assert stored == (10 + 1) * 16 * (16 + 8) * (3 + spec) * 4  # + the scratch block of CUDA graphs
 
 
 def test_absorbed_decode_matches_expanded_attention_per_layer(model):

@@ -223,6 +223,31 @@ def test_group_score_equals_topk_two_sum_with_ties():
     assert torch.equal(_top2_sum(x), x.topk(2, dim=-1).values.sum(-1))
 
 
+def test_group_rank_selects_what_topk_selects():
+    from dsv3.model.moe import _rank
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    x[:50, 5] = x[:50, 2]  # ties: each still gets its own rank
+    r = _rank(x)
+    assert torch.equal(r.sort(-1).values, torch.arange(8).expand(500, 8))
+    top4 = torch.zeros_like(x, dtype=torch.bool).scatter_(1, x.topk(4, dim=-1).indices, True)
+    assert torch.equal((r < 4)[50:], top4[50:])
+    assert ((r < 4).sum(-1) == 4).all()
+
+
+def test_experts_counting_sort_and_argsort_paths_agree(tiny_cfg, monkeypatch):
+    # Decode-sized batches order rows by a counting sort, large ones by a stable argsort: the same permutation.
+    moe = random_model(tiny_cfg).layers[1].mlp
+    x = torch.randn(300, tiny_cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        w, idx, _ = moe.gate(x)
+        monkeypatch.setattr("dsv3.model.moe.COUNTING_SORT_MAX", 0)
+        by_argsort, counts = moe.experts(x, w, idx)
+        monkeypatch.setattr("dsv3.model.moe.COUNTING_SORT_MAX", 1 << 30)
+        by_counting, counts2 = moe.experts(x, w, idx)
+    assert torch.equal(by_counting, by_argsort) and torch.equal(counts, counts2)
+    assert counts.sum() == 300 * tiny_cfg.num_experts_per_tok
+
+
 def test_mla_decode_reference_in_length_buckets_equals_one_padded_batch():
     from dsv3.kernels.mla_decode import mla_decode_reference
     g = torch.Generator().manual_seed(0)

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.infer.cuda_graphs import DecodeRunner
 from dsv3.infer.detokenizer import IncrementalDetokenizer
 from dsv3.infer.kv_cache import BlockPool, allocate_pools, bytes_per_token, default_cache_bytes
 from dsv3.infer.prefix_cache import SpillStore
 from dsv3.infer.sampler import SamplingParams, TokenLogprobs, sample
 from dsv3.infer.scheduler import Scheduler, Sequence
-from dsv3.infer.speculative import propose, verify
+from dsv3.infer.speculative import accept_greedy, propose, verify
 from dsv3.model import PagedKV, Transformer
-from dsv3.model.cache import to_device
+from dsv3.model.cache import ABSORBED_MAX_QUERY, to_device
 from dsv3.tokenizer import Tokenizer
 
 
@@ -38,6 +39,7 @@ class EngineConfig:
     host_cache_bytes: int = 0  # prefix-cache blocks evicted from the pool are kept in host memory up to this
     disk_cache_dir: str | None = None  # ... and then on disk here, across restarts (None: no disk tier)
     disk_cache_bytes: int = 16 << 30
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU only; off: eager, for debugging)
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -92,8 +94,14 @@ class Engine:
         # and a fingerprint of a few values (cheap; a different checkpoint of the same shape differs there).
         model_id = model_id or _fingerprint(model)
         self.pool = BlockPool(num_blocks, cfg.block_size, model_id)
-        self.kv = allocate_pools(mcfg, num_blocks, cfg.block_size, mcfg.num_hidden_layers + self.spec, self.dtype,
-                                 self.device)  # MTP module k's latents live in pool L + k - 1
+        # MTP module k's latents live in pool L + k - 1; block `num_blocks` is the scratch block of CUDA graphs.
+        self.kv = allocate_pools(mcfg, num_blocks + 1, cfg.block_size, mcfg.num_hidden_layers + self.spec,
+                                 self.dtype, self.device)
+        runner = dict(kv=self.kv, scratch=num_blocks, max_rows=min(cfg.max_num_seqs * (1 + self.spec),
+                      cfg.max_batched_tokens), max_blocks=-(-self.max_len // cfg.block_size) + 1,
+                      graphs=cfg.cuda_graphs)
+        self._decode = DecodeRunner(self._main_rows, **runner)
+        self._decode_mtp = DecodeRunner(self._mtp_rows, hidden_size=mcfg.hidden_size, **runner) if self.spec else None
         self.store = None
         if cfg.host_cache_bytes > 0 or cfg.disk_cache_dir:
             self.store = SpillStore(self.kv, model_id, cfg.host_cache_bytes, cfg.disk_cache_dir, cfg.disk_cache_bytes)
@@ -134,6 +142,13 @@ class Engine:
         for seq in self.requests.pop(request_id, []):
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
+
+    def warmup(self) -> None:
+        """Record every decode CUDA graph now rather than at the first step that needs it (GPU; else nothing)."""
+        with torch.inference_mode():
+            for runner in (self._decode, self._decode_mtp):
+                if runner is not None:
+                    runner.capture_all()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -177,45 +192,74 @@ class Engine:
     def _forward(self, pairs, ends):
         """The main model over the flat batch: logits of the rows that sample or verify, all hidden states, and
         each such sequence's logits rows."""
-        ids, pos, slots, tables = self._flat([(s, s.num_computed, n) for s, n in pairs],
-                                             lambda s: s.all_ids + s.draft)
-        want, rows, logit_rows = {s.seq_id for s in ends}, {}, []
-        start = 0
+        spans = [(s, s.num_computed, n) for s, n in pairs]
+        want, rows, logit_rows, start = {s.seq_id for s in ends}, {}, [], 0
         for seq, n in pairs:
             start += n
             if seq.seq_id in want:  # the last 1 + len(draft) rows: the next token, then one per draft token
                 k = 1 + len(seq.draft)
                 rows[seq.seq_id] = list(range(len(logit_rows), len(logit_rows) + k))
                 logit_rows += range(start - k, start)
+        if all(n <= ABSORBED_MAX_QUERY for _, n in pairs):  # a decode step: CUDA graph on a GPU
+            logits, hidden = self._decode(*self._rows(spans))
+            if logit_rows != list(range(len(logits))):  # (plain decode steps want every row, in order)
+                logits = logits[to_device(logit_rows, self.device)]
+            return logits, hidden, rows
+        ids, pos, slots, tables = self._flat(spans)
         cache = PagedKV(self.kv, slots, tables, [s.num_computed + n for s, n in pairs], [n for _, n in pairs],
                         to_device(logit_rows, self.device))
         out = self.model(ids, positions=pos, cache=cache)
         return out.logits.float(), out.hidden, rows
 
-    def _flat(self, spans, tokens_of):
-        """Token ids, positions, cache slots and block tables of the flat batch: `n` tokens of each sequence
-        from position `start`, for (seq, start, n) in `spans`."""
-        bs, ids, pos, slots = self.config.block_size, [], [], []
+    def _rows(self, spans, shift=0):
+        """Host lists of the flat batch, one entry per token of `n` tokens of each sequence from position `start`,
+        for (seq, start, n) in `spans`: its token id (the token `shift` places later in prompt + output + draft),
+        position, cache slot, block table and the cache rows it sees."""
+        bs, ids, pos, slots, tables, lens = self.config.block_size, [], [], [], [], []
         for seq, c, n in spans:
-            ids += tokens_of(seq)[c:c + n]
+            a, b, known = c + shift, c + n + shift, len(seq.all_ids)
+            ids += seq.all_ids[a:b] if b <= known else seq.all_ids[a:] + seq.draft[max(a - known, 0):b - known]
             pos += range(c, c + n)
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(c, c + n)]
-        width = max(len(s.blocks) for s, _, _ in spans)
-        tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _, _ in spans]  # padding is masked out
-        return (to_device(ids, self.device), to_device(pos, self.device), to_device(slots, self.device),
-                to_device(tables, self.device))
+            tables += [seq.blocks] * n
+            lens += range(c + 1, c + n + 1)
+        return ids, pos, slots, tables, lens
+
+    def _flat(self, spans, shift=0):
+        """Token ids, positions, cache slots and block tables (one per sequence) of the flat batch, on device."""
+        ids, pos, slots, _, _ = self._rows(spans, shift)
+        tables = [s.blocks for s, _, _ in spans]
+        width = max(map(len, tables))
+        tables = [t + [0] * (width - len(t)) for t in tables]  # padding is masked out
+        return tuple(to_device(x, self.device) for x in (ids, pos, slots, tables))
+
+    def _main_rows(self, cache, ids, pos, _):
+        out = self.model(ids, positions=pos, cache=cache)
+        return out.logits.float(), out.hidden
+
+    def _mtp_rows(self, cache, ids, pos, hidden):
+        return (self.model.draft(ids, hidden, pos, cache).float(),)
 
     def _decide(self, ends, logits, rows) -> dict[int, tuple[list[int], list]]:
         """The tokens each sequence gains: a plain sample, or the outcome of verifying its draft."""
-        new, plain = {}, [s for s in ends if not s.draft]
-        if plain:
-            out = sample(logits[[rows[s.seq_id][0] for s in plain]], [s.params for s in plain],
-                         [s.prompt_ids for s in plain], [s.output_ids for s in plain], [s.generator for s in plain],
-                         self.tokenizer.eos_id)
-            new = {s.seq_id: ([t], [lp]) for s, t, lp in zip(plain, out.token_ids, out.logprobs)}
+        # One batched sample (one host sync) covers plain rows and greedy verification: a greedy draft's rows are
+        # the main model's choice at its place and, given it, the token after it.
+        batch = [s for s in ends if not s.draft or s.params.greedy]
+        picks = [(s, i) for s in batch for i in range(1 + len(s.draft))]
+        new = {}
+        if picks:
+            out = sample(logits[[rows[s.seq_id][i] for s, i in picks]], [s.params for s, _ in picks],
+                         [s.prompt_ids for s, _ in picks], [s.output_ids + s.draft[:i] for s, i in picks],
+                         [s.generator for s, _ in picks], self.tokenizer.eos_id)
+            at = 0
+            for s in batch:
+                k = 1 + len(s.draft)
+                new[s.seq_id] = accept_greedy(s.draft, out.token_ids[at:at + k], out.logprobs[at:at + k])
+                at += k
         for s in ends:
-            if s.draft:
+            if s.draft and not s.params.greedy:
                 new[s.seq_id] = verify(logits[rows[s.seq_id]], s, self.tokenizer.eos_id)
+            if s.draft:
                 self.drafted += len(s.draft)
                 self.accepted += len(new[s.seq_id][0]) - 1
         return new
@@ -233,7 +277,6 @@ class Engine:
             start += n
         if not spans:
             return
-        ids, pos, slots, tables = self._flat(spans, lambda s: s.all_ids[1:])  # row i pairs h_i with t_{i+1}
         drafting, last, end = [], [], 0  # decoding next step: every known token but the newest is cached
         for seq, _, m in spans:
             end += m
@@ -241,12 +284,16 @@ class Engine:
                     and len(seq.all_ids) + 1 < self.max_len):
                 drafting.append(seq)
                 last.append(end - 1)
-        cache = PagedKV(self.kv, slots, tables, [s.num_computed for s, _, _ in spans], [m for _, _, m in spans],
-                        to_device(last, self.device))
-        logits = self.model.draft(ids, hidden[offsets], pos, cache).float()
-        for seq, row in zip(drafting, logits):
-            d, seq.draft_q = propose(row, seq, self.tokenizer.eos_id)
-            seq.draft = [d]
+        # Row i pairs h_i with t_{i+1}: the token one place later.
+        if all(m <= ABSORBED_MAX_QUERY for _, _, m in spans):  # a decode step: CUDA graph on a GPU
+            logits = self._decode_mtp(*self._rows(spans, shift=1), hidden[offsets])[0][to_device(last, self.device)]
+        else:
+            ids, pos, slots, tables = self._flat(spans, shift=1)
+            cache = PagedKV(self.kv, slots, tables, [s.num_computed for s, _, _ in spans], [m for _, _, m in spans],
+                            to_device(last, self.device))
+            logits = self.model.draft(ids, hidden[offsets], pos, cache).float()
+        for seq, d, q in zip(drafting, *propose(logits, drafting, self.tokenizer.eos_id)):
+            seq.draft, seq.draft_q = [d], q
 
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None) -> None:
         """Record a sampled token, stream its text, and decide whether the sequence is done."""

@@ -17,23 +17,32 @@ import torch
 from dsv3.infer.sampler import TokenLogprobs, draw, process_logits, sample, token_logprobs
 
 
-def propose(mtp_logits_V: torch.Tensor, seq, eos_id: int | None) -> tuple[int, torch.Tensor | None]:
-    """A draft token from the MTP logits under the sequence's sampling rules, and q (None when greedy)."""
-    x = process_logits(mtp_logits_V[None], [seq.params], [seq.prompt_ids], [seq.output_ids], eos_id)[0]
-    if seq.params.greedy:
-        return int(x.argmax()), None
-    q = x.softmax(-1)
-    return draw(q, seq.generator), q
+def propose(mtp_logits_RV: torch.Tensor, seqs, eos_id: int | None) -> tuple[list[int], list[torch.Tensor | None]]:
+    """A draft token per sequence from its MTP logits row under its sampling rules, and the distribution q it was
+    drawn from (None when greedy)."""
+    x_RV = process_logits(mtp_logits_RV, [s.params for s in seqs], [s.prompt_ids for s in seqs],
+                          [s.output_ids for s in seqs], eos_id)
+    drafts, qs = x_RV.argmax(-1).tolist(), [None] * len(seqs)
+    for i, s in enumerate(seqs):
+        if not s.params.greedy:
+            qs[i] = x_RV[i].softmax(-1)
+            drafts[i] = draw(qs[i], s.generator)
+    return drafts, qs
+
+
+def accept_greedy(draft: list[int], tokens: list[int], logprobs: list) -> tuple[list[int], list]:
+    """Greedy verification, from the main model's choices at the draft's place and after it (`tokens`): the draft
+    is kept iff it is that choice, so the output is token-identical to plain greedy decoding."""
+    if draft and tokens[0] == draft[0]:
+        return [draft[0], tokens[1]], logprobs
+    return tokens[:1], logprobs[:1]
 
 
 def verify(logits_2V: torch.Tensor, seq, eos_id: int | None) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Tokens to append (1 or 2) for a sequence whose one-token draft rows 0 (judges it) and 1 (after it) give."""
+    """Tokens to append (1 or 2) for a sampling sequence whose one-token draft rows 0 (judges it) and 1 (after
+    it) give: the rejection-sampling rule above."""
     p, d, g = seq.params, seq.draft[0], seq.generator
     outs = [seq.output_ids, seq.output_ids + [d]]
-    if p.greedy:  # both rows at once: x = the main model's choice for d's place, y = the token after d
-        res = sample(logits_2V, [p, p], [seq.prompt_ids] * 2, outs, [g, g], eos_id)
-        x, y = res.token_ids
-        return ([d, y], res.logprobs) if x == d else ([x], res.logprobs[:1])
     target = process_logits(logits_2V[:1], [p], [seq.prompt_ids], outs[:1], eos_id)[0].softmax(-1)
     q = seq.draft_q
     u = float(torch.rand((), generator=g, device=g.device if g is not None else "cpu"))
@@ -42,4 +51,3 @@ def verify(logits_2V: torch.Tensor, seq, eos_id: int | None) -> tuple[list[int],
         return [d, res.token_ids[0]], token_logprobs(logits_2V[:1], [d], [p.logprobs]) + res.logprobs
     x = draw((target - q).clamp_(min=0), g)  # the residual: p where the draft under-proposed
     return [x], token_logprobs(logits_2V[:1], [x], [p.logprobs])
-

@@ -77,7 +77,7 @@ if triton is not None:
             ck = tl.load(row[:, None] + c[None, :], mask=nm[:, None] & (c[None, :] < C), other=0.0)
             kp = tl.load(row[:, None] + C + r[None, :], mask=nm[:, None] & (r[None, :] < R), other=0.0)
             s = tl.dot(qc, tl.trans(ck).to(qc.dtype)) + tl.dot(qp, tl.trans(kp).to(qp.dtype))  # (BLOCK_H, BLOCK_N)
-            s = tl.where(nm[None, :], s * scale, float("-inf"))
+            s = tl.where(nm[None, :], s * scale, float("-inf")).to(tl.float32)  # torch.compile passes scale as fp64
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
@@ -98,6 +98,14 @@ def mla_decode(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n: int = 32):
     """(B, H, C) attention output over each sequence's cached latents; see the module docstring."""
     if not _use_triton(q_c):
         return mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale)
+    return _mla_decode_triton(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n)
+
+
+# An opaque op to torch.compile: Inductor neither re-traces the kernel nor, unable to see what it writes, copies
+# the whole KV pool around it.
+@torch.library.custom_op("dsv3::mla_decode", mutates_args=())
+def _mla_decode_triton(q_c: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor, scale: float, block_n: int) -> torch.Tensor:
     B, H, C = q_c.shape
     R = q_pe.shape[-1]
     q_c, q_pe = q_c.contiguous(), q_pe.contiguous().to(q_c.dtype)
@@ -112,3 +120,8 @@ def mla_decode(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n: int = 32):
                              BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_C=max(16, triton.next_power_of_2(C)),
                              BLOCK_R=max(16, triton.next_power_of_2(R)))
     return out
+
+
+@_mla_decode_triton.register_fake
+def _(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n):
+    return q_c.new_empty(q_c.shape)  # contiguous, as the kernel's output

@@ -7,6 +7,10 @@ decode tokens of many sequences side by side, T tokens in all) the engine passes
   - where each new token's latent goes (slot = block · block_size + offset);
   - each sequence's block table and length, and where its new tokens sit in the flat batch.
 Attention then runs over the cached blocks with W_UK / W_UV absorbed (SPEC §4.4).
+
+A decode step (every new token a decode token or a speculative verification row) may instead give one block table
+and cache length per token as device tensors (`row_lens`) and no host lists at all: nothing in the forward then
+depends on host values, which is what lets the engine capture it in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -23,9 +27,11 @@ class PagedKV:
     kv: list[torch.Tensor]  # per layer: (num_blocks, block_size, C + Dr)
     slot_mapping: torch.Tensor  # (T,) int64: flat slot each new token writes
     block_tables: torch.Tensor  # (B, max_blocks) int64: a sequence's blocks in order
-    seq_lens: list[int]  # per sequence: cached + new tokens after this step (host ints: no device sync)
-    query_lens: list[int]  # per sequence: new tokens in this step, in flat-batch order
+    seq_lens: list[int] | None  # per sequence: cached + new tokens after this step (host ints: no device sync)
+    query_lens: list[int] | None  # per sequence: new tokens in this step, in flat-batch order
     logits_indices: torch.Tensor | None = None  # flat rows whose logits are wanted (None: all)
+    row_lens: torch.Tensor | None = None  # instead of seq_lens / query_lens: every token is an absorbed row with
+    # its own row of block_tables (T, max_blocks), seeing this many cache rows (T,)
     query_start: list[int] = field(init=False)
     decode: list[int] = field(init=False)  # sequences with few new tokens: each row on the absorbed path
     decode_rows: torch.Tensor | None = field(init=False, default=None)  # those rows in the flat batch
@@ -33,6 +39,9 @@ class PagedKV:
     decode_tables: torch.Tensor | None = field(init=False, default=None)  # each row's block table
 
     def __post_init__(self):
+        if self.row_lens is not None:
+            self.query_start, self.decode = [], []
+            return
         if len(self.seq_lens) != len(self.query_lens):
             raise ValueError(f"seq_lens has {len(self.seq_lens)} entries but query_lens {len(self.query_lens)}")
         self.query_start = [0]
@@ -57,14 +66,20 @@ class PagedKV:
         return self.kv[0].shape[1]
 
     def write(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        pool = self.kv[layer].view(-1, self.kv[layer].shape[-1])  # (slots, C + Dr)
-        pool[self.slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(pool.dtype)
+        _write(self.kv[layer], self.slot_mapping, torch.cat((c_kv, k_pe), dim=-1).to(self.kv[layer].dtype))
 
     def gather(self, layer: int, seq: int) -> torch.Tensor:
         """(S, C + Dr) latent of sequence `seq`, oldest token first."""
         n = self.seq_lens[seq]
         blocks = self.block_tables[seq, : -(-n // self.block_size)]
         return self.kv[layer][blocks].flatten(0, 1)[:n]
+
+
+@torch.library.custom_op("dsv3::kv_write", mutates_args=("pool",))
+def _write(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """pool (blocks, block_size, W) rows at flat `slots` = rows (T, W). An op of its own so that torch.compile
+    writes the pool in place instead of functionalizing the write into a copy of the whole pool."""
+    pool.view(-1, pool.shape[-1])[slots] = rows
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:

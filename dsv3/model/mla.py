@@ -39,12 +39,13 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.c, H * (self.dn + self.dv), bias=False)  # head-major [W_UK_h; W_UV_h]
         self.o_proj = nn.Linear(H * self.dv, D, bias=bias)
 
-    def _q(self, x: torch.Tensor) -> torch.Tensor:
+    def _q(self, x, cos, sin):
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.unflatten(-1, (self.n_heads, self.dn + self.dr))  # (..., H, Dn+Dr)
+        q_nope, q_pe = q.unflatten(-1, (self.n_heads, self.dn + self.dr)).split((self.dn, self.dr), dim=-1)
+        return q_nope, apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)  # rope: all heads
 
     def _latent(self, x, cos, sin):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.c, self.dr), dim=-1)
@@ -55,8 +56,7 @@ class MLA(nn.Module):
 
         mask: None for plain causal attention, or a bool (B, 1, T, T) mask (True = attend) for packed documents.
         """
-        q_nope, q_pe = self._q(x).split((self.dn, self.dr), dim=-1)
-        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)  # broadcast over H
+        q_nope, q_pe = self._q(x, cos, sin)  # (..., H, Dn), (..., H, Dr)
         c_kv, k_pe = self._latent(x, cos, sin)
         if cache is None:
             o = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
@@ -86,6 +86,8 @@ class MLA(nn.Module):
         Prefill chunks take the expanded path over their cached prefix; decode tokens and speculative
         verification rows (a few new tokens) are batched, one row per token, through the absorbed path.
         """
+        if cache.row_lens is not None:  # a decode step: every token is an absorbed row
+            return self._absorbed(q_nope, q_pe, cache.kv[self.layer_idx], cache.block_tables, cache.row_lens)
         out = q_nope.new_empty(*q_nope.shape[:2], self.dv)
         for b, (s0, s1) in enumerate(zip(cache.query_start, cache.query_start[1:])):
             if s1 - s0 > ABSORBED_MAX_QUERY:

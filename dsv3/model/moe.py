@@ -52,14 +52,22 @@ class Gate(nn.Module):
             choice_NGe = choice_NE.unflatten(-1, (self.n_group, -1))
             # noaux_tc scores a group (a node) by its top-2 sum; V2's group_limited_greedy by its max.
             group_NG = _top2_sum(choice_NGe) if self.method == "noaux_tc" else choice_NGe.amax(-1)
-            keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
-            keep_NG.scatter_(1, group_NG.topk(self.topk_group, dim=-1).indices, True)
+            keep_NG = _rank(group_NG) < self.topk_group
             choice_NE = choice_NGe.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).flatten(1)
         idx_NK = choice_NE.topk(self.top_k, dim=-1).indices
         w_NK = scores_NE.gather(1, idx_NK)
         if self.norm:
             w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
         return w_NK * self.scale, idx_NK, scores_NE
+
+
+def _rank(x_NG: torch.Tensor) -> torch.Tensor:
+    """Each entry's place in its row in descending order, ties broken by index: the top-k of a row are the entries
+    of rank < k. For the few groups of group-limited routing a (G, G) comparison beats a topk call (a sort kernel)
+    and fuses with the routing around it."""
+    i = torch.arange(x_NG.shape[-1], device=x_NG.device)
+    a, b = x_NG.unsqueeze(-1), x_NG.unsqueeze(-2)  # entry g against every entry h
+    return ((b > a) | ((b == a) & (i < i[:, None]))).sum(-1)
 
 
 def _top2_sum(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +78,9 @@ def _top2_sum(x: torch.Tensor) -> torch.Tensor:
     first = x.amax(-1, keepdim=True)
     second = x.scatter(-1, x.argmax(-1, keepdim=True), float("-inf")).amax(-1, keepdim=True)
     return (first + second).squeeze(-1)
+
+
+COUNTING_SORT_MAX = 1 << 16  # (token, expert) rows x experts up to which rows are ordered by a counting sort
 
 
 class Experts(nn.Module):
@@ -85,9 +96,18 @@ class Experts(nn.Module):
         N, K = idx_NK.shape
         E = self.gate_up_proj.shape[0]
         flat = idx_NK.flatten()  # (N·K,)
-        order = flat.argsort(stable=True)  # rows sorted by expert; stable keeps it deterministic
-        # scatter_add, not bincount: a static output shape keeps torch.compile from breaking the graph here.
-        counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        if flat.numel() * E <= COUNTING_SORT_MAX:  # decode-sized: a counting sort, no sort kernels
+            onehot = F.one_hot(flat, E)  # (N·K, E)
+            counts_E = onehot.sum(0)
+            rank = onehot.cumsum(0).gather(1, flat[:, None])[:, 0] - 1  # earlier rows of the same expert
+            dest = (counts_E.cumsum(0) - counts_E)[flat] + rank
+            order = torch.empty_like(flat).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
+        else:
+            # scatter_add, not bincount: a static output shape keeps torch.compile from breaking the graph here.
+            counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat,
+                                                                                      torch.ones_like(flat))
+            order = flat.argsort(stable=True)
+        # `order`: rows sorted by expert, stably (the same permutation either way: deterministic)
         offs = counts_E.cumsum(0).to(torch.int32)
         x_sorted = x_ND[order // K]  # (N·K, D)
         gate, up = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
