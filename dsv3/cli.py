@@ -52,6 +52,11 @@ def cmd_generate(args) -> None:
     run(args)
 
 
+def cmd_serve(args) -> None:
+    from dsv3.serve.server import run
+    run(args)
+
+
 def cmd_chat(args) -> None:
     from dsv3.infer.chat import run
     run(args)
@@ -95,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="interactive multi-turn chat with a checkpoint (streams tokens)")
     chat.add_args(ch)
     ch.set_defaults(fn=cmd_chat)
+
+    from dsv3.serve import server
+    srv = sub.add_parser("serve", help="DeepSeek/OpenAI-compatible HTTP API with context caching on disk")
+    server.add_args(srv)
+    srv.set_defaults(fn=cmd_serve)
 
     plot = sub.add_parser("plot", help="PNG of a run's loss, learning rate and expert-load balance")
     plot.add_argument("run_dir", help="a run directory written by dsv3 train")

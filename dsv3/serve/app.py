@@ -1,0 +1,404 @@
+"""`dsv3 serve`: the DeepSeek/OpenAI-compatible HTTP API (../shared/API.md) over the inference engine.
+
+Routes are served under "", "/v1" and "/beta". Each request is validated (protocol.py), turned into prompt ids
+(chat template, Chat Prefix Completion, FIM), checked against the context, and handed to the engine thread
+(async_engine.py); outputs come back as one JSON body or as server-sent events. Errors always have the
+`{"error": {...}}` shape; an unexpected exception is a 500 for that request only.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from dsv3.infer.engine import Engine, RequestOutput
+from dsv3.infer.sampler import SamplingParams, TokenLogprobs
+from dsv3.serve.async_engine import AsyncEngine, EngineError
+from dsv3.serve.parsing import Fields, split_reasoning
+from dsv3.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from dsv3.tokenizer import THINK, THINK_END, fim_prompt
+
+log = logging.getLogger("dsv3.serve")
+ALIASES = ("deepseek-chat", "deepseek-reasoner")
+# Pydantic error types that mean "a value out of its allowed range" (422); the rest are shape errors (400).
+_VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
+                 "value_error", "literal_error", "enum", "multiple_of", "string_too_long", "string_too_short"}
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_keys: frozenset[str] = frozenset()  # empty: no authentication
+    max_concurrent_per_key: int = 64  # requests in flight per key (or per server without keys): then 429
+    max_queue: int = 512  # requests in the engine, all keys together: then 503
+    max_request_bytes: int = 4 << 20
+    max_n: int = 16
+    default_max_tokens: int = 4096  # API.md; bounded by the context left
+    fim_max_tokens: int = 4096
+    keepalive_s: float = 15.0
+    reasoning: bool | None = None  # the model thinks in <think>; None: when its chat template mentions </think>
+    in_flight: Counter = field(default_factory=Counter)
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    tok = engine.tokenizer
+    aengine = AsyncEngine(engine)
+    if config.reasoning is None:
+        config.reasoning = THINK_END in str(tok.config.get("chat_template") or "")
+    fingerprint = f"fp_dsv3_{engine.pool.seed.hex()[:10]}"
+    max_len = engine.max_len
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        aengine.shutdown()  # cancel what still runs, flush the prefix cache to disk
+
+    app = FastAPI(title="dsv3", description="DeepSeek/OpenAI-compatible API over the dsv3 engine", lifespan=lifespan)
+    app.state.engine, app.state.config = aengine, config
+
+    # ---- errors --------------------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        if any(err["type"] == "json_invalid" for err in errors):
+            return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
+        err = errors[0]
+        loc = [str(x) for x in err["loc"] if x != "body"]
+        param = ".".join(loc) or None
+        status = 422 if err["type"] in _VALUE_ERRORS and param else 400  # a whole-request rule: the shape
+        msg = f"{param}: {err['msg']}" if param else err["msg"]
+        return JSONResponse(APIError(status, msg, param=param).body(), status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        rid = uuid.uuid4().hex[:12]
+        log.exception("internal error, request %s", rid)
+        body = APIError(500, f"internal error (request {rid})", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.middleware("http")
+    async def _size_limit(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > config.max_request_bytes:
+            body = APIError(400, f"request body of {size} bytes is over the limit of {config.max_request_bytes}")
+            return JSONResponse(body.body(), status_code=400)
+        return await call_next(request)
+
+    # ---- auth and admission --------------------------------------------------------------------------------
+    def caller(request: Request) -> str:
+        """The API key of the request ('' without keys); 401 when keys are required and this one is not one."""
+        if not config.api_keys:
+            return ""
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if key not in config.api_keys:
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                           type="authentication_error", code="invalid_api_key")
+        return key
+
+    def admit(key: str) -> None:
+        if config.in_flight[key] >= config.max_concurrent_per_key:
+            raise APIError(429, f"too many concurrent requests for this key (limit {config.max_concurrent_per_key})",
+                           type="rate_limit_error", code="rate_limit_exceeded")
+        if aengine.num_requests >= config.max_queue:
+            raise APIError(503, "the server is overloaded; retry later", type="server_error", code="overloaded")
+
+    def check_model(name: str) -> None:
+        if name not in (config.model_name, *ALIASES):
+            raise APIError(400, f"model {name!r} is not served here (this server serves {config.model_name!r})",
+                           param="model", code="model_not_found")
+
+    def budget(prompt_len: int, asked: int | None, cap: int) -> int:
+        left = max_len - prompt_len
+        if asked is None:
+            if left < 1:
+                raise APIError(400, f"the prompt has {prompt_len} tokens; the model's context length is {max_len}")
+            return min(cap, left)
+        if prompt_len + asked > max_len:
+            raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {asked}: together over the "
+                                f"model's context length of {max_len} tokens", param="max_tokens")
+        return asked
+
+    def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if req.n > config.max_n:
+            raise APIError(422, f"n={req.n} is over this server's limit of {config.max_n}", param="n")
+        return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
+                              frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                              stop=req.stop or [], seed=req.seed, logprobs=logprobs)
+
+    async def run(request: Request, key: str, rid: str, prompt_ids: list[int], params: SamplingParams,
+                  stream: bool) -> AsyncIterator[RequestOutput | None]:
+        """The engine's outputs for one request, counted against the key while in flight, logged once."""
+        config.in_flight[key] += 1
+        t0, last = time.perf_counter(), None
+        try:
+            async for out in aengine.generate(rid, prompt_ids, params, config.keepalive_s if stream else None):
+                last = out or last
+                yield out
+        finally:
+            config.in_flight[key] -= 1
+            done = last is not None and last.finished
+            n_out = sum(len(c.token_ids) for c in last.outputs) if last else 0
+            log.info("%s prompt=%d cached=%d completion=%d %s %.3fs", rid, len(prompt_ids),
+                     last.num_cached_tokens if last else 0, n_out, "done" if done else "cancelled",
+                     time.perf_counter() - t0)
+
+    def usage(prompt_len: int, last: RequestOutput, reasoning_tokens: int = 0) -> dict:
+        completion = sum(len(c.token_ids) for c in last.outputs)
+        hit = last.num_cached_tokens
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
+                "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_len - hit,
+                "prompt_tokens_details": {"cached_tokens": hit},
+                "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
+
+    def token_text(t: int) -> str:
+        return tok.decode([t])
+
+    def chat_logprobs(entries: list[TokenLogprobs]) -> dict:
+        def one(t: int, lp: float) -> dict:
+            s = token_text(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
+                            for e in entries]}
+
+    # ---- routes --------------------------------------------------------------------------------------------
+    router = APIRouter()
+
+    @router.get("/models")
+    async def models(key: str = Depends(caller)):
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "dsv3", "context_length": max_len}]}
+
+    @router.get("/health")
+    async def health():
+        return {"status": "ok", "requests": aengine.num_requests}
+
+    @router.post("/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request, key: str = Depends(caller)):
+        check_model(req.model)
+        if req.response_format is not None and req.response_format.type == "json_object":
+            raise APIError(400, "response_format json_object is not available yet on this server",
+                           param="response_format")
+        if req.tools and req.tool_choice != "none":
+            raise APIError(400, "tools are not available yet on this server", param="tools")
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            ids = tok.apply_chat_template(messages, tokenize=True)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        prompt_text = tok.decode(ids[-8:])
+        thinking = bool(config.reasoning) and prompt_text.rstrip().endswith(THINK)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling(req, budget(len(ids), req.max_tokens, config.default_max_tokens), logprobs)
+        admit(key)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
+
+        def parse(text: str, final: bool) -> tuple[str, str]:
+            if not config.reasoning:
+                return "", text
+            return split_reasoning(text, thinking, final)
+
+        if not req.stream:
+            last = await _until_disconnect(request, _last(run(request, key, rid, ids, params, False)))
+            choices = []
+            for c in last.outputs:
+                reasoning, content = parse(c.text, True)
+                message = {"role": "assistant", "content": content}
+                if config.reasoning:
+                    message["reasoning_content"] = reasoning
+                choices.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
+                                "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None})
+            return head | {"object": "chat.completion", "choices": choices, "usage": usage(len(ids), last)}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events():
+            def chunk(choices, **extra) -> str:
+                body = head | {"object": "chat.completion.chunk", "choices": choices} | extra
+                if include_usage and "usage" not in extra:
+                    body["usage"] = None
+                return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+            sent = [Fields() for _ in range(params.n)]
+            n_lp = [0] * params.n
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(params.n)])
+            last = None
+            async for out in run(request, key, rid, ids, params, True):
+                if out is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                last = out
+                choices, finished = [], []
+                for c in out.outputs:
+                    if c.finish_reason is None and not c.delta_token_ids:
+                        continue
+                    dr, dc = sent[c.index].advance(*parse(c.text, c.finish_reason is not None))
+                    delta = {"content": dc} if dc or not dr else {}
+                    if dr:
+                        delta["reasoning_content"] = dr
+                    lp = None
+                    if c.logprobs is not None:
+                        lp, n_lp[c.index] = chat_logprobs(c.logprobs[n_lp[c.index]:]), len(c.logprobs)
+                    if delta.get("content") or dr or lp:
+                        choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None})
+                    if c.finish_reason is not None:  # the last chunk of a choice: empty delta, finish_reason
+                        finished.append({"index": c.index, "delta": {}, "logprobs": None,
+                                         "finish_reason": c.finish_reason})
+                for choices in (choices, finished):
+                    if choices:
+                        yield chunk(choices)
+            if include_usage and last is not None:
+                yield chunk([], usage=usage(len(ids), last))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @router.post("/completions")
+    async def completions(req: CompletionRequest, request: Request, key: str = Depends(caller)):
+        check_model(req.model)
+        raw = req.prompt
+        prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+        if len(prompts) > config.max_n:
+            raise APIError(422, f"{len(prompts)} prompts is over this server's limit of {config.max_n}",
+                           param="prompt")
+        cap = config.fim_max_tokens if req.suffix is not None else config.default_max_tokens
+        jobs = []  # (prompt ids, prompt text for echo)
+        for p in prompts:
+            if isinstance(p, str):
+                text = fim_prompt(p, req.suffix) if req.suffix is not None else p
+                jobs.append((tok.encode(text, add_bos=True), p))
+            else:
+                if req.suffix is not None:
+                    raise APIError(400, "suffix (FIM) needs the prompt as text", param="suffix")
+                if any(not 0 <= t < engine.model.config.vocab_size for t in p):
+                    raise APIError(422, "prompt token ids must be in the vocabulary", param="prompt")
+                jobs.append((list(p), tok.decode(p)))
+        params = [sampling(req, budget(len(ids), req.max_tokens, cap), req.logprobs) for ids, _ in jobs]
+        admit(key)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
+        n = req.n
+
+        def logprobs_of(entries: list[TokenLogprobs], offset: int) -> dict:
+            tokens = [token_text(e.token_id) for e in entries]
+            offsets, at = [], offset
+            for t in tokens:
+                offsets.append(at)
+                at += len(t)
+            return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                    "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+                    "text_offset": offsets}
+
+        streams = [run(request, key, f"{rid}-{i}", ids, sp, req.stream) for i, ((ids, _), sp) in
+                   enumerate(zip(jobs, params))]
+        if not req.stream:
+            lasts = await _until_disconnect(request, asyncio.gather(*(_last(s) for s in streams)))
+            choices = []
+            for i, ((ids, text), last) in enumerate(zip(jobs, lasts)):
+                echo = text if req.echo else ""
+                for c in last.outputs:
+                    lp = logprobs_of(c.logprobs, len(echo)) if c.logprobs is not None else None
+                    choices.append({"index": i * n + c.index, "text": echo + c.text, "logprobs": lp,
+                                    "finish_reason": c.finish_reason})
+            total = {k: sum(usage(len(ids), last)[k] for (ids, _), last in zip(jobs, lasts))
+                     for k in ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens",
+                               "prompt_cache_miss_tokens")}
+            total["prompt_tokens_details"] = {"cached_tokens": total["prompt_cache_hit_tokens"]}
+            return head | {"object": "text_completion", "choices": choices, "usage": total}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events():
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i, s):
+                try:
+                    async for out in s:
+                        await queue.put((i, out))
+                finally:
+                    await queue.put((i, StopAsyncIteration()))
+
+            tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+            try:
+                lasts, emitted, live = [None] * len(jobs), {}, len(tasks)
+                while live:
+                    i, out = await queue.get()
+                    if isinstance(out, StopAsyncIteration):
+                        live -= 1
+                        continue
+                    if out is None:
+                        yield ": keep-alive\n\n"
+                        continue
+                    lasts[i] = out
+                    choices = []
+                    for c in out.outputs:
+                        idx = i * n + c.index
+                        first = idx not in emitted
+                        text = (jobs[i][1] if req.echo and first else "") + c.delta_text
+                        lp = None
+                        if c.logprobs is not None:
+                            lp = logprobs_of(c.logprobs[emitted.get(idx, 0):], 0)
+                            emitted[idx] = len(c.logprobs)
+                        else:
+                            emitted[idx] = 0
+                        if text or c.finish_reason is not None:
+                            choices.append({"index": idx, "text": text, "logprobs": lp,
+                                            "finish_reason": c.finish_reason})
+                    if choices:
+                        yield f"data: {json.dumps(head | {'object': 'text_completion', 'choices': choices})}\n\n"
+                if include_usage and all(lasts):
+                    u = [usage(len(ids), last) for (ids, _), last in zip(jobs, lasts)]
+                    total = {k: sum(x[k] for x in u) for k in ("prompt_tokens", "completion_tokens", "total_tokens",
+                                                              "prompt_cache_hit_tokens", "prompt_cache_miss_tokens")}
+                    total["prompt_tokens_details"] = {"cached_tokens": total["prompt_cache_hit_tokens"]}
+                    body = head | {"object": "text_completion", "choices": [], "usage": total}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    for prefix in ("", "/v1", "/beta"):
+        app.include_router(router, prefix=prefix)
+    return app
+
+
+async def _last(stream: AsyncIterator[RequestOutput | None]) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out or last
+    if last is None or not last.finished:
+        raise EngineError("the request ended without a result")
+    return last
+
+
+async def _until_disconnect(request: Request, awaitable):
+    """Await `awaitable`, cancelling it (and so its engine requests) if the client goes away first."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "client disconnected")
+    finally:
+        task.cancel()

@@ -1,0 +1,54 @@
+"""`dsv3 serve CKPT`: load a checkpoint, build the engine (prefix cache with a disk tier), serve the API."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory (Hugging Face layout with tokenizer files)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable); none: open")
+    keys.add_argument("--api-keys-file", help="file with one accepted key per line")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--cache-dir", help="disk tier of the prefix cache (DeepSeek's context caching); survives restarts")
+    p.add_argument("--cache-disk-gb", type=float, default=16.0, help="size bound of --cache-dir")
+    p.add_argument("--cache-host-gb", type=float, default=1.0, help="host-memory tier between the pool and disk")
+    p.add_argument("--max-queue", type=int, default=512, help="requests in the engine before 503")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight per API key before 429")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
+    p.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0 or 1)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+
+
+def run(args) -> None:
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise SystemExit('dsv3 serve needs the serve extra: pip install -e ".[serve]"') from e
+    from dsv3.infer.engine import Engine, EngineConfig
+    from dsv3.io import load_model
+    from dsv3.serve.app import ServerConfig, create_app
+    from dsv3.tokenizer import Tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = Path(args.checkpoint)
+    model = load_model(ckpt, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    keys = args.api_key
+    if args.api_keys_file:
+        keys = [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]
+    engine = Engine(model, Tokenizer.from_dir(ckpt), EngineConfig(
+        max_num_seqs=args.max_num_seqs, speculative_tokens=args.speculative_tokens,
+        host_cache_bytes=int(args.cache_host_gb * 2**30) if args.cache_dir else 0,
+        disk_cache_dir=args.cache_dir, disk_cache_bytes=int(args.cache_disk_gb * 2**30)))
+    engine.warmup()
+    config = ServerConfig(model_name=args.model_name or ckpt.resolve().name, api_keys=frozenset(keys),
+                          max_concurrent_per_key=args.max_concurrent, max_queue=args.max_queue)
+    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, timeout_graceful_shutdown=30,
+                log_level="info")
