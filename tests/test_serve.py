@@ -1,6 +1,7 @@
 """`dsv3 serve` driven by the official `openai` client over real HTTP on a loopback port (tiny random model)."""
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -223,3 +224,134 @@ def test_async_client_concurrent_streams(server):
                      json={"model": "tiny", "messages": CHAT, "max_tokens": 3, "stream": True}).text
     events = [e for e in raw.split("\n\n") if e.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_json_mode_outputs_parse_with_bounded_whitespace(server):
+    out = server.client().chat.completions.create(
+        model="tiny", messages=CHAT + [{"role": "user", "content": "Answer in JSON."}], temperature=1.0, n=8, seed=3,
+        max_tokens=48, response_format={"type": "json_object"})
+    assert {c.finish_reason for c in out.choices} <= {"stop", "length"}
+    assert any(c.finish_reason == "stop" for c in out.choices)
+    for c in out.choices:
+        text = c.message.content
+        assert text.startswith("{") and not re.search(r"\s{3,}", text)  # whitespace runs: at most 2
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        # finish_reason "length": the JSON text so far, cut where max_tokens ended it (a prefix of valid JSON)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "strict": True, "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                                    "metric": {"type": "boolean"}},
+                   "required": ["city", "metric"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+
+
+def _valid_weather(call):
+    args = json.loads(call.function.arguments)
+    return call.function.name == "get_weather" and set(args) == {"city", "metric"} and \
+        args["city"] in ("Paris", "Rome", "Oslo") and isinstance(args["metric"], bool)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_calls_are_valid_stream_alike_and_round_trip(server, choice):
+    c = server.client()
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    kw = dict(model="tiny", messages=msgs, tools=[WEATHER, CLOCK], tool_choice=choice, temperature=0.7, seed=11,
+              max_tokens=500)  # a random model may spell the call markers byte by byte
+    out = c.chat.completions.create(**kw)
+    choice0 = out.choices[0]
+    assert choice0.finish_reason == "tool_calls" and choice0.message.tool_calls
+    calls = choice0.message.tool_calls
+    if isinstance(choice, dict):
+        assert all(_valid_weather(x) for x in calls)
+    for x in calls:  # any tool may be called under "required"; each call's arguments are a JSON object
+        assert isinstance(json.loads(x.function.arguments), dict) and x.id and x.type == "function"
+        assert x.function.name != "get_weather" or _valid_weather(x)
+    # The same seeded request streamed: tool-call deltas accumulate to the same calls.
+    acc, finish = {}, None
+    for ch in c.chat.completions.create(**kw, stream=True):
+        for d in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            e = acc.setdefault(d.index, {"name": "", "arguments": ""})
+            e["name"] += d.function.name or ""
+            e["arguments"] += d.function.arguments or ""
+        if ch.choices and ch.choices[0].finish_reason:
+            finish = ch.choices[0].finish_reason
+    assert finish == "tool_calls"
+    assert [acc[i] for i in sorted(acc)] == [{"name": x.function.name, "arguments": x.function.arguments}
+                                             for x in calls]
+    # Round trip: the calls and their results go back in; the model answers (no tool forced this time).
+    results = [{"role": "tool", "tool_call_id": x.id, "content": '{"temp_c": 21}'} for x in calls]
+    follow = c.chat.completions.create(model="tiny", messages=msgs + [choice0.message.model_dump(exclude_none=True)]
+                                       + results, tools=[WEATHER, CLOCK], temperature=0, max_tokens=8)
+    assert follow.usage.prompt_tokens > out.usage.prompt_tokens and follow.choices[0].finish_reason
+
+
+def test_tool_call_and_reasoning_parse_is_the_same_for_every_split():
+    from dsv3.serve.parsing import OutputParser
+    from dsv3.tokenizer import THINK_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+    call = lambda n, a: f"{TOOL_CALL_BEGIN}function{TOOL_SEP}{n}\n```json\n{a}\n```{TOOL_CALL_END}"  # noqa: E731
+    oslo = '{"city": "Oslo"}'
+    text = (f"I should check{THINK_END}Let me look.{TOOL_CALLS_BEGIN}{call('get_weather', oslo)}\n"
+            f"{call('get_time', '{}')}{TOOL_CALLS_END}")
+    whole = OutputParser(True, thinking=True, tools=True).parse(text, True)
+    assert whole[0] == "I should check" and whole[1] == "Let me look."
+    assert [(x.name, x.arguments) for x in whole[2]] == [("get_weather", '{"city": "Oslo"}'), ("get_time", "{}")]
+    for step in (1, 2, 3, 5, 8, 13, len(text)):  # every chunking: one character at a time ... all in one delta
+        p, r, c, calls = OutputParser(True, thinking=True, tools=True), "", "", {}
+        cuts = list(range(step, len(text), step)) + [len(text)]
+        for k in cuts:
+            d = p.delta(text[:k], k == len(text))
+            r, c = r + d.get("reasoning_content", ""), c + d.get("content", "")
+            for t in d.get("tool_calls", []):
+                e = calls.setdefault(t["index"], ["", ""])
+                e[0] += t.get("function", {}).get("name", "")
+                e[1] += t["function"]["arguments"]
+        assert (r, c) == whole[:2]
+        assert [tuple(calls[i]) for i in sorted(calls)] == [(x.name, x.arguments) for x in whole[2]]
+
+
+def test_metrics_and_health(server):
+    c = server.client()
+    before = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0).usage
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    text = httpx.get(server.url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['dsv3_requests_total{route="/chat/completions",status="200"}'] >= 1
+    assert values["dsv3_generation_tokens_total"] >= before.completion_tokens
+    assert values["dsv3_time_to_first_token_seconds_count"] >= 1
+    assert values["dsv3_kv_blocks_total"] == 64 and values["dsv3_kv_blocks_in_use"] == 0
+    assert 0 <= values['dsv3_prefix_cache_hit_ratio{tier="device"}'] <= 1
+    assert values["dsv3_prefix_cache_queried_tokens_total"] >= before.prompt_tokens
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(model, tok):
+    eng = engine(model, tok)
+    s = Server(eng)
+    real, calls = eng.step, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real()
+
+    eng.step = failing_once
+    try:
+        c = s.client()
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4)
+        assert e.value.body["type"] == "server_error"
+        calls.clear()  # and once more while streaming: the 200 is out, so an error event ends the stream
+        with pytest.raises(openai.APIError):
+            list(c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, stream=True))
+        assert c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4).choices[0].finish_reason
+        assert eng.pool.num_free == eng.pool.num_blocks
+    finally:
+        s.stop()

@@ -132,6 +132,7 @@ class Engine:
             g = torch.Generator(self.device).manual_seed(hash((seed, i)) & (2**62 - 1))
             seq = Sequence(request_id, i, ids, params, g, wait_for=seqs[0] if seqs else None)
             seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+            seq.matcher = params.grammar.matcher() if params.grammar is not None else None
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
@@ -248,7 +249,11 @@ class Engine:
         picks = [(s, i) for s in batch for i in range(1 + len(s.draft))]
         new = {}
         if picks:
-            out = sample(logits[[rows[s.seq_id][i] for s, i in picks]], [s.params for s, _ in picks],
+            chosen = logits[[rows[s.seq_id][i] for s, i in picks]]
+            for row, (s, _) in zip(chosen, picks):
+                if s.matcher is not None:  # constrained decoding (such sequences never draft)
+                    s.matcher.mask(row)
+            out = sample(chosen, [s.params for s, _ in picks],
                          [s.prompt_ids for s, _ in picks], [s.output_ids + s.draft[:i] for s, i in picks],
                          [s.generator for s, _ in picks], self.tokenizer.eos_id)
             at = 0
@@ -281,7 +286,7 @@ class Engine:
         for seq, _, m in spans:
             end += m
             if (not seq.in_prefill and seq.num_computed + 1 == len(seq.all_ids)
-                    and len(seq.all_ids) + 1 < self.max_len):
+                    and len(seq.all_ids) + 1 < self.max_len and seq.matcher is None):
                 drafting.append(seq)
                 last.append(end - 1)
         # Row i pairs h_i with t_{i+1}: the token one place later.
@@ -298,6 +303,8 @@ class Engine:
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None) -> None:
         """Record a sampled token, stream its text, and decide whether the sequence is done."""
         p = seq.params
+        if seq.matcher is not None:
+            seq.matcher.accept(tok)
         seq.output_ids.append(tok)
         seq.all_ids.append(tok)
         if lp is not None:

@@ -38,7 +38,7 @@ class SpillStore:
             for tmp in self.dir.glob("*.tmp"):  # a crash mid-write: never a complete-looking file
                 tmp.unlink(missing_ok=True)
         self.disk_used = sum(self.disk.values())
-        self.loaded = 0  # blocks served back from host or disk
+        self.hits = {"host": 0, "disk": 0}  # blocks served back from each tier
 
     @property
     def enabled(self) -> bool:
@@ -61,17 +61,21 @@ class SpillStore:
 
     def load(self, block: int, h: bytes) -> bool:
         """Copy the stored latents of `h` into pool block `block`; False on a miss."""
-        data = self.host.get(h)
+        data, tier = self.host.get(h), "host"
         if data is not None:
             self.host.move_to_end(h)
         else:
-            data = self._read(h)
+            data, tier = self._read(h), "disk"
         if data is None or data.shape != (len(self.kv), *self.kv[0].shape[1:]) or data.dtype != self.kv[0].dtype:
             return False
         for pool, layer in zip(self.kv, data):
             pool[block].copy_(layer, non_blocking=True)
-        self.loaded += 1
+        self.hits[tier] += 1
         return True
+
+    @property
+    def loaded(self) -> int:
+        return sum(self.hits.values())
 
     def flush(self) -> None:
         """Host-tier blocks to disk (a graceful shutdown keeps them for the next start)."""

@@ -40,6 +40,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None => none; k => the sampled token's logprob plus the top-k alternatives
     skip_special_tokens: bool = True
+    grammar: object = None  # a structured.Grammar: every token is masked to what it allows (JSON, tool calls)
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # OpenAI accepts `stop: "###"` as well as a list

@@ -45,6 +45,7 @@ class Sequence:
     emitted: int = 0  # characters of detok.text already reported
     draft: list[int] = field(default_factory=list)  # MTP's proposal for the tokens after all_ids
     draft_q: torch.Tensor | None = None  # the distribution the draft was drawn from (sampling only)
+    matcher: object = None  # its place in params.grammar (constrained decoding), if any
 
     def __post_init__(self):
         self.all_ids = list(self.prompt_ids)

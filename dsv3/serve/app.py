@@ -16,15 +16,19 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from dsv3.infer.engine import Engine, RequestOutput
 from dsv3.infer.sampler import SamplingParams, TokenLogprobs
 from dsv3.serve.async_engine import AsyncEngine, EngineError
-from dsv3.serve.parsing import Fields, split_reasoning
+from dsv3.serve.metrics import Metrics
+from dsv3.infer.structured import Structured
+from dsv3.serve.parsing import OutputParser
 from dsv3.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from dsv3.tokenizer import THINK, THINK_END, fim_prompt
 
@@ -57,6 +61,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         config.reasoning = THINK_END in str(tok.config.get("chat_template") or "")
     fingerprint = f"fp_dsv3_{engine.pool.seed.hex()[:10]}"
     max_len = engine.max_len
+    grammars = Structured(tok, engine.model.config.vocab_size)
+    metrics = Metrics(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -83,20 +89,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         msg = f"{param}: {err['msg']}" if param else err["msg"]
         return JSONResponse(APIError(status, msg, param=param).body(), status_code=status)
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        rid = uuid.uuid4().hex[:12]
-        log.exception("internal error, request %s", rid)
-        body = APIError(500, f"internal error (request {rid})", type="server_error").body()
-        return JSONResponse(body, status_code=500)
-
     @app.middleware("http")
-    async def _size_limit(request: Request, call_next):
+    async def _size_limit_and_count(request: Request, call_next):
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > config.max_request_bytes:
             body = APIError(400, f"request body of {size} bytes is over the limit of {config.max_request_bytes}")
-            return JSONResponse(body.body(), status_code=400)
-        return await call_next(request)
+            response = JSONResponse(body.body(), status_code=400)
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as e:  # a 500 for this request; the server goes on
+                response = _internal_error(e)
+        route = request.scope.get("route")
+        metrics.requests.labels(route.path if route else "unmatched", str(response.status_code)).inc()
+        return response
 
     # ---- auth and admission --------------------------------------------------------------------------------
     def caller(request: Request) -> str:
@@ -144,9 +150,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                   stream: bool) -> AsyncIterator[RequestOutput | None]:
         """The engine's outputs for one request, counted against the key while in flight, logged once."""
         config.in_flight[key] += 1
+        metrics.prompt_tokens.inc(len(prompt_ids))
         t0, last = time.perf_counter(), None
+        t_tok = None  # when the latest token arrived
         try:
             async for out in aengine.generate(rid, prompt_ids, params, config.keepalive_s if stream else None):
+                new = sum(len(c.delta_token_ids) for c in out.outputs) if out else 0
+                if new:
+                    now = time.perf_counter()
+                    if t_tok is None:
+                        metrics.ttft.observe(now - t0)
+                    else:
+                        metrics.itl.observe((now - t_tok) / new)
+                    t_tok = now
+                    metrics.generation_tokens.inc(new)
                 last = out or last
                 yield out
         finally:
@@ -187,41 +204,60 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def health():
         return {"status": "ok", "requests": aengine.num_requests}
 
+    @router.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @router.post("/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request, key: str = Depends(caller)):
         check_model(req.model)
-        if req.response_format is not None and req.response_format.type == "json_object":
-            raise APIError(400, "response_format json_object is not available yet on this server",
-                           param="response_format")
-        if req.tools and req.tool_choice != "none":
-            raise APIError(400, "tools are not available yet on this server", param="tools")
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if choice != "none" else []
+        if choice not in (None, "none", "auto") and not tools:
+            raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+        if isinstance(choice, dict) and choice["function"].get("name") not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names {choice['function'].get('name')!r}, which is not among the tools",
+                           param="tool_choice")
+        json_mode = req.response_format is not None and req.response_format.type == "json_object"
+        if json_mode and tools:
+            raise APIError(400, "response_format json_object cannot be combined with tools", param="response_format")
         try:
-            ids = tok.apply_chat_template(messages, tokenize=True)
+            ids = tok.apply_chat_template(messages, tools=tools or None, tokenize=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
-        prompt_text = tok.decode(ids[-8:])
-        thinking = bool(config.reasoning) and prompt_text.rstrip().endswith(THINK)
+        thinking = bool(config.reasoning) and tok.decode(ids[-8:]).rstrip().endswith(THINK)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling(req, budget(len(ids), req.max_tokens, config.default_max_tokens), logprobs)
+        # Constrained decoding: JSON mode; tool calls when a call is demanded or a tool is strict (its
+        # arguments must match its schema); plain `auto` tools are parsed, not constrained.
+        if json_mode:
+            params.grammar = grammars.json_object()
+        elif tools and (choice in ("required",) or isinstance(choice, dict)
+                        or any(t["function"].get("strict") for t in tools)):
+            params.grammar = grammars.tool_calls(tools, choice or "auto", bool(config.reasoning))
         admit(key)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
 
-        def parse(text: str, final: bool) -> tuple[str, str]:
-            if not config.reasoning:
-                return "", text
-            return split_reasoning(text, thinking, final)
+        parsers = [OutputParser(bool(config.reasoning), thinking, bool(tools)) for _ in range(params.n)]
+
+        def finish(c, calls) -> str:
+            return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
 
         if not req.stream:
             last = await _until_disconnect(request, _last(run(request, key, rid, ids, params, False)))
             choices = []
-            for c in last.outputs:
-                reasoning, content = parse(c.text, True)
-                message = {"role": "assistant", "content": content}
+            for c, parser in zip(last.outputs, parsers):
+                reasoning, content, calls = parser.parse(c.text, True)
+                message = {"role": "assistant", "content": content or (None if calls else "")}
                 if config.reasoning:
                     message["reasoning_content"] = reasoning
-                choices.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
+                if calls:
+                    message["tool_calls"] = [{"id": parser.call_id(i), "type": "function",
+                                              "function": {"name": x.name, "arguments": x.arguments}}
+                                             for i, x in enumerate(calls)]
+                choices.append({"index": c.index, "message": message, "finish_reason": finish(c, calls),
                                 "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None})
             return head | {"object": "chat.completion", "choices": choices, "usage": usage(len(ids), last)}
 
@@ -234,35 +270,36 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     body["usage"] = None
                 return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-            sent = [Fields() for _ in range(params.n)]
             n_lp = [0] * params.n
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(params.n)])
             last = None
-            async for out in run(request, key, rid, ids, params, True):
-                if out is None:
-                    yield ": keep-alive\n\n"
-                    continue
-                last = out
-                choices, finished = [], []
-                for c in out.outputs:
-                    if c.finish_reason is None and not c.delta_token_ids:
+            try:
+                async for out in run(request, key, rid, ids, params, True):
+                    if out is None:
+                        yield ": keep-alive\n\n"
                         continue
-                    dr, dc = sent[c.index].advance(*parse(c.text, c.finish_reason is not None))
-                    delta = {"content": dc} if dc or not dr else {}
-                    if dr:
-                        delta["reasoning_content"] = dr
-                    lp = None
-                    if c.logprobs is not None:
-                        lp, n_lp[c.index] = chat_logprobs(c.logprobs[n_lp[c.index]:]), len(c.logprobs)
-                    if delta.get("content") or dr or lp:
-                        choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None})
-                    if c.finish_reason is not None:  # the last chunk of a choice: empty delta, finish_reason
-                        finished.append({"index": c.index, "delta": {}, "logprobs": None,
-                                         "finish_reason": c.finish_reason})
-                for choices in (choices, finished):
-                    if choices:
-                        yield chunk(choices)
+                    last = out
+                    choices, finished = [], []
+                    for c in out.outputs:
+                        if c.finish_reason is None and not c.delta_token_ids:
+                            continue
+                        parser = parsers[c.index]
+                        delta = parser.delta(c.text, c.finish_reason is not None)
+                        lp = None
+                        if c.logprobs is not None:
+                            lp, n_lp[c.index] = chat_logprobs(c.logprobs[n_lp[c.index]:]), len(c.logprobs)
+                        if delta or lp:
+                            choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None})
+                        if c.finish_reason is not None:  # the last chunk of a choice: empty delta, finish_reason
+                            finished.append({"index": c.index, "delta": {}, "logprobs": None,
+                                             "finish_reason": finish(c, parser.args)})
+                    for choices in (choices, finished):
+                        if choices:
+                            yield chunk(choices)
+            except EngineError as e:
+                yield _stream_error(e)
+                return
             if include_usage and last is not None:
                 yield chunk([], usage=usage(len(ids), last))
             yield "data: [DONE]\n\n"
@@ -331,6 +368,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 try:
                     async for out in s:
                         await queue.put((i, out))
+                except EngineError as e:
+                    await queue.put((i, e))
                 finally:
                     await queue.put((i, StopAsyncIteration()))
 
@@ -345,6 +384,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     if out is None:
                         yield ": keep-alive\n\n"
                         continue
+                    if isinstance(out, EngineError):
+                        yield _stream_error(out)
+                        return
                     lasts[i] = out
                     choices = []
                     for c in out.outputs:
@@ -376,9 +418,26 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(Path(__file__).parent / "static" / "chat.html", media_type="text/html")
+
     for prefix in ("", "/v1", "/beta"):
         app.include_router(router, prefix=prefix)
     return app
+
+
+def _internal_error(e: Exception) -> JSONResponse:
+    rid = uuid.uuid4().hex[:12]
+    log.error("internal error (%s): %s: %s", rid, type(e).__name__, e, exc_info=e)
+    return JSONResponse(APIError(500, f"internal error (reference {rid})", type="server_error").body(),
+                        status_code=500)
+
+
+def _stream_error(e: Exception) -> str:
+    """A failure after a stream began (its 200 is sent): an error event, as OpenAI's streams carry them."""
+    log.error("stream failed: %s: %s", type(e).__name__, e, exc_info=e)
+    return f"data: {json.dumps(APIError(500, str(e), type='server_error').body())}\n\n"
 
 
 async def _last(stream: AsyncIterator[RequestOutput | None]) -> RequestOutput:

@@ -1,4 +1,4 @@
-"""Splitting model output into the API's fields: reasoning (`<think>…</think>`) and content.
+"""Splitting model output into the API's fields: reasoning (`<think>…</think>`), content and tool calls.
 
 Every parse is a pure function of the text generated so far. A stream sends the difference between successive
 parses, and the parse holds back a trailing piece that could still grow into a marker, so each field only ever
@@ -6,9 +6,12 @@ grows: the streamed deltas concatenate to exactly the non-streamed result, howev
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
-from dsv3.tokenizer import THINK, THINK_END
+from dsv3.tokenizer import THINK, THINK_END, TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN, TOOL_SEP
+
+ARGS_OPEN, ARGS_END = "```json\n", "\n```"  # around a call's arguments, after the line with its name
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -35,14 +38,76 @@ def split_reasoning(text: str, thinking: bool, final: bool) -> tuple[str, str]:
 
 
 @dataclass
-class Fields:
-    """What one choice has sent so far; `advance` returns the new part of each field."""
-    reasoning: str = ""
-    content: str = ""
+class Call:
+    name: str
+    arguments: str  # the JSON text so far
+    done: bool
 
-    def advance(self, reasoning: str, content: str) -> tuple[str, str]:
-        if not (reasoning.startswith(self.reasoning) and content.startswith(self.content)):
-            raise AssertionError("a parse shrank a field that was already streamed")
-        dr, dc = reasoning[len(self.reasoning):], content[len(self.content):]
-        self.reasoning, self.content = reasoning, content
-        return dr, dc
+
+def split_tool_calls(text: str, final: bool) -> tuple[str, list[Call]]:
+    """(content, calls) of DeepSeek's tool-call layout (API.md): content, then <｜tool▁calls▁begin｜> and per
+    call <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>. A call appears once
+    its name is complete; its arguments grow as they arrive."""
+    if TOOL_CALLS_BEGIN not in text:
+        return (text if final else text[: len(text) - _partial_suffix(text, TOOL_CALLS_BEGIN)]), []
+    content, block = text.split(TOOL_CALLS_BEGIN, 1)
+    calls = []
+    for part in block.split(TOOL_CALL_BEGIN)[1:]:
+        head, sep, rest = part.partition(TOOL_SEP)
+        name, newline, rest = rest.partition("\n")
+        if not (sep and newline):
+            break  # the name is not complete yet
+        if not rest.startswith(ARGS_OPEN):  # "```json" itself still arriving (or malformed): no arguments yet
+            calls.append(Call(name.strip(), "", False))
+            continue
+        body = rest[len(ARGS_OPEN):]
+        if ARGS_END in body:
+            calls.append(Call(name.strip(), body.split(ARGS_END, 1)[0], True))
+        else:
+            calls.append(Call(name.strip(), body if final else body[: len(body) - _partial_suffix(body, ARGS_END)],
+                              final))
+    return content, calls
+
+
+@dataclass
+class OutputParser:
+    """One choice's output as API fields. `parse` is the pure split; `delta` is what a stream sends next (each
+    field only grows, a tool call's id, type and name come with its first fragment)."""
+    reasoning: bool  # the model thinks in <think>…</think>
+    thinking: bool = False  # the prompt already opened <think>
+    tools: bool = False  # tool calls are parsed out of the content
+    sent: list[str] = field(default_factory=lambda: ["", ""])  # reasoning, content streamed so far
+    args: list[str] = field(default_factory=list)  # per streamed call: its arguments so far
+    ids: list[str] = field(default_factory=list)
+
+    def parse(self, text: str, final: bool) -> tuple[str, str, list[Call]]:
+        reasoning, content = split_reasoning(text, self.thinking, final) if self.reasoning else ("", text)
+        return (reasoning, *split_tool_calls(content, final)) if self.tools else (reasoning, content, [])
+
+    def call_id(self, i: int) -> str:
+        while len(self.ids) <= i:
+            self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+        return self.ids[i]
+
+    def delta(self, text: str, final: bool) -> dict:
+        reasoning, content, calls = self.parse(text, final)
+        delta = {}
+        for key, new, i in (("reasoning_content", reasoning, 0), ("content", content, 1)):
+            if not new.startswith(self.sent[i]):
+                raise AssertionError(f"the parse shrank {key}, which was already streamed")
+            if len(new) > len(self.sent[i]):
+                delta[key], self.sent[i] = new[len(self.sent[i]):], new
+        out = []
+        for i, call in enumerate(calls):
+            if i == len(self.args):
+                out.append({"index": i, "id": self.call_id(i), "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments}})
+                self.args.append(call.arguments)
+            elif call.arguments != self.args[i]:
+                if not call.arguments.startswith(self.args[i]):
+                    raise AssertionError("the parse shrank a tool call's arguments, which were already streamed")
+                out.append({"index": i, "function": {"arguments": call.arguments[len(self.args[i]):]}})
+                self.args[i] = call.arguments
+        if out:
+            delta["tool_calls"] = out
+        return delta
