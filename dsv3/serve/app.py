@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -51,6 +52,7 @@ class ServerConfig:
     fim_max_tokens: int = 4096
     keepalive_s: float = 15.0
     reasoning: bool | None = None  # the model thinks in <think>; None: when its chat template mentions </think>
+    prefixes: tuple[str, ...] = ("", "/v1", "/beta")  # every route is served under each
     in_flight: Counter = field(default_factory=Counter)
 
 
@@ -66,6 +68,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        aengine.start()
         yield
         aengine.shutdown()  # cancel what still runs, flush the prefix cache to disk
 
@@ -76,6 +79,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):  # 404, 405, ... in the same shape
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
+                            headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -144,7 +152,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             raise APIError(422, f"n={req.n} is over this server's limit of {config.max_n}", param="n")
         return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
                               frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
-                              stop=req.stop or [], seed=req.seed, logprobs=logprobs)
+                              stop=req.stop or [], seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos)
 
     async def run(request: Request, key: str, rid: str, prompt_ids: list[int], params: SamplingParams,
                   stream: bool) -> AsyncIterator[RequestOutput | None]:
@@ -235,7 +243,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             params.grammar = grammars.json_object()
         elif tools and (choice in ("required",) or isinstance(choice, dict)
                         or any(t["function"].get("strict") for t in tools)):
-            params.grammar = grammars.tool_calls(tools, choice or "auto", bool(config.reasoning))
+            try:
+                params.grammar = grammars.tool_calls(tools, choice or "auto", bool(config.reasoning))
+            except Exception as e:  # a parameters schema the grammar compiler rejects
+                raise APIError(400, f"tools: cannot constrain calls to these parameter schemas ({e})",
+                               param="tools") from e
         admit(key)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
@@ -321,6 +333,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 text = fim_prompt(p, req.suffix) if req.suffix is not None else p
                 jobs.append((tok.encode(text, add_bos=True), p))
             else:
+                if not p:
+                    raise APIError(422, "a token-id prompt must not be empty", param="prompt")
                 if req.suffix is not None:
                     raise APIError(400, "suffix (FIM) needs the prompt as text", param="suffix")
                 if any(not 0 <= t < engine.model.config.vocab_size for t in p):
@@ -422,7 +436,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def chat_page():
         return FileResponse(Path(__file__).parent / "static" / "chat.html", media_type="text/html")
 
-    for prefix in ("", "/v1", "/beta"):
+    for prefix in config.prefixes:
         app.include_router(router, prefix=prefix)
     return app
 

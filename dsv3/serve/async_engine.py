@@ -30,9 +30,17 @@ class AsyncEngine:
         self._adds: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
         self._readers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
-        self._thread.start()
+        self._stop = True  # until start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Run the engine thread (the server's startup; again after a shutdown)."""
+        with self._wake:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+            self._thread.start()
 
     @property
     def num_requests(self) -> int:
@@ -46,7 +54,7 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         with self._wake:
             if self._stop:
-                raise EngineError("the server is shutting down")
+                raise EngineError("the engine is not running (the server is starting or shutting down)")
             self._readers[request_id] = (asyncio.get_running_loop(), queue)
             self._adds.append((request_id, prompt_ids, params))
             self._wake.notify()
@@ -79,7 +87,8 @@ class AsyncEngine:
             for rid in list(self._readers):
                 self._post(rid, EngineError("the server is shutting down"))
             self._wake.notify()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
         self.engine.flush_cache()
 
     # ---- the engine thread -------------------------------------------------------------------------------

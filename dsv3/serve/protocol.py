@@ -103,6 +103,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     n: int = Field(1, ge=1)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
     @field_validator("stop")
     @classmethod

@@ -24,6 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0 or 1)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
 
 
 def run(args) -> None:
@@ -39,7 +40,9 @@ def run(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = Path(args.checkpoint)
-    model = load_model(ckpt, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    default = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default
+    model = load_model(ckpt, device=device, dtype=dtype)
     keys = args.api_key
     if args.api_keys_file:
         keys = [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]

