@@ -150,6 +150,28 @@ def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(model, tok, spec):
     assert out.num_cached_tokens == 32 and out.outputs[0].token_ids == reference_greedy(model, base[:48], 4)
 
 
+def test_weights_changed_never_serves_the_old_weights_cache(model, tok, tmp_path):
+    import copy
+    m = copy.deepcopy(model)
+    engine = Engine(m, tok, EngineConfig(block_size=16, num_blocks=6, host_cache_bytes=1 << 20,
+                                         disk_cache_dir=str(tmp_path)))
+    p = prompts(1, [50], seed=4)[0]
+    run(engine, {0: [(p, SamplingParams(max_tokens=4, **GREEDY))]})
+    run(engine, {0: [(q, SamplingParams(max_tokens=4, **GREEDY)) for q in prompts(2, [40, 40], seed=5)]})  # evict
+    engine.flush_cache()  # every tier holds the prompt's blocks now
+    hit, _ = run(engine, {0: [(p, SamplingParams(max_tokens=4, **GREEDY))]})
+    assert next(iter(hit.values())).num_cached_tokens == 48
+    with torch.no_grad():
+        m.lm_head.weight.mul_(-1.0)  # an in-place update, as RL makes
+    engine.weights_changed()
+    out, _ = run(engine, {0: [(p, SamplingParams(max_tokens=8, **GREEDY))]})
+    out = next(iter(out.values()))
+    assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == reference_greedy(m, p, 8)
+    engine.add_request(p, SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="requests run"):
+        engine.weights_changed()
+
+
 def test_preemption_when_the_pool_runs_out_recomputes_and_keeps_tokens(model, tok):
     # 12 blocks of 16 tokens cannot hold three sequences growing to ~90 tokens each: someone is preempted.
     engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=12, max_batched_tokens=64))

@@ -92,7 +92,8 @@ class Engine:
         num_blocks = cfg.num_blocks or min(enough, by_memory)
         # The prefix cache is only sound between identical models: name it by the config and the weights' shapes
         # and a fingerprint of a few values (cheap; a different checkpoint of the same shape differs there).
-        model_id = model_id or _fingerprint(model)
+        self.model_id = model_id = model_id or _fingerprint(model)
+        self.weights_version = 0
         self.pool = BlockPool(num_blocks, cfg.block_size, model_id)
         # MTP module k's latents live in pool L + k - 1; block `num_blocks` is the scratch block of CUDA graphs.
         self.kv = allocate_pools(mcfg, num_blocks + 1, cfg.block_size, mcfg.num_hidden_layers + self.spec,
@@ -143,6 +144,17 @@ class Engine:
         for seq in self.requests.pop(request_id, []):
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
+
+    def weights_changed(self) -> None:
+        """The model's weights were updated in place (RL, a new checkpoint): cached prefixes of the old weights
+        must never serve the new ones, so the cache identity gets a new version (API.md: weights hash + version)."""
+        if self.has_unfinished():
+            raise RuntimeError("weights_changed() while requests run: finish or abort them first")
+        self.weights_version += 1
+        name = f"{self.model_id}:v{self.weights_version}"
+        self.pool.rename(name)
+        if self.store is not None:
+            self.store.rename(name)
 
     def warmup(self) -> None:
         """Record every decode CUDA graph now rather than at the first step that needs it (GPU; else nothing)."""

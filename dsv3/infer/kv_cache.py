@@ -56,6 +56,15 @@ class BlockPool:
         self.hits = self.queries = 0  # prompt tokens served from / looked up in the prefix cache
         self.spill = None  # called as spill(block, hash) before a cached block is overwritten (second tier)
 
+    def rename(self, model_id: str) -> None:
+        """The model changed (new weights): forget every cached block, and chain new hashes from `model_id`.
+        Only while no sequence holds blocks."""
+        if any(self.ref):
+            raise RuntimeError("the block pool is in use: rename it only when no sequence runs")
+        self.seed = hashlib.blake2b(model_id.encode(), digest_size=16).digest()
+        self.hash, self.by_hash = [None] * self.num_blocks, {}
+        self.free, self.cached = deque(range(self.num_blocks)), OrderedDict()
+
     @property
     def num_free(self) -> int:
         return len(self.free) + len(self.cached)

@@ -59,6 +59,12 @@ class SpillStore:
         else:
             self._write(h, data)
 
+    def rename(self, model_id: str) -> None:
+        """A new model identity: blocks stored from now on carry it, and older files no longer verify."""
+        self.model_id = model_id
+        self.host.clear()
+        self.host_used = 0
+
     def load(self, block: int, h: bytes) -> bool:
         """Copy the stored latents of `h` into pool block `block`; False on a miss."""
         data, tier = self.host.get(h), "host"
