@@ -355,3 +355,24 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on(model, tok):
         assert eng.pool.num_free == eng.pool.num_blocks
     finally:
         s.stop()
+
+
+def test_a_queued_stream_gets_keep_alives(model, tok):
+    s = Server(Engine(model, tok, EngineConfig(block_size=64, num_blocks=64, max_num_seqs=1)), keepalive_s=0.1)
+    try:
+        c = s.client()
+        first = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=200, stream=True,
+                                          extra_body={"ignore_eos": True})
+        next(iter(first))  # running: the engine takes one sequence at a time, so the next request waits
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "tiny", "messages": CHAT, "max_tokens": 2, "stream": True}) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith('data: {"id"') and '"content": "' in line and '"role"' not in line:
+                    break  # the first token: the request left the queue
+        first.close()
+        waited = lines[: next(i for i, x in enumerate(lines) if '"role"' not in x and x.startswith("data: {"))]
+        assert ": keep-alive" in waited
+    finally:
+        s.stop()
