@@ -376,3 +376,24 @@ def test_a_queued_stream_gets_keep_alives(model, tok):
         assert ": keep-alive" in waited
     finally:
         s.stop()
+
+
+def test_reasoning_content_is_split_out_streamed_and_not(model, tok):
+    s = Server(engine(model, tok), reasoning=True)
+    try:
+        c = s.client()
+        # The assistant text opens <think> (as R1 templates end their generation prompt): what follows is
+        # reasoning until </think>, which this random model does not write, so all of it is reasoning.
+        msgs = CHAT + [{"role": "assistant", "content": "<think>\n", "prefix": True}]
+        out = c.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=12)
+        m = out.choices[0].message
+        assert m.reasoning_content and m.content == ""
+        assert 0 < out.usage.completion_tokens_details.reasoning_tokens
+        chunks = list(c.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=12,
+                                                stream=True, stream_options={"include_usage": True}))
+        streamed = "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks
+                           if ch.choices)
+        assert streamed == m.reasoning_content
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
+    finally:
+        s.stop()

@@ -241,7 +241,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         # arguments must match its schema); plain `auto` tools are parsed, not constrained.
         if json_mode:
             params.grammar = grammars.json_object()
-        elif tools and (choice in ("required",) or isinstance(choice, dict)
+        elif tools and (choice == "required" or isinstance(choice, dict)
                         or any(t["function"].get("strict") for t in tools)):
             try:
                 params.grammar = grammars.tool_calls(tools, choice or "auto", bool(config.reasoning))
@@ -259,9 +259,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
         if not req.stream:
             last = await _until_disconnect(request, _last(run(request, key, rid, ids, params, False)))
-            choices = []
+            choices, thought = [], 0
             for c, parser in zip(last.outputs, parsers):
                 reasoning, content, calls = parser.parse(c.text, True)
+                thought += len(tok.encode(reasoning)) if reasoning else 0
                 message = {"role": "assistant", "content": content or (None if calls else "")}
                 if config.reasoning:
                     message["reasoning_content"] = reasoning
@@ -271,7 +272,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                                              for i, x in enumerate(calls)]
                 choices.append({"index": c.index, "message": message, "finish_reason": finish(c, calls),
                                 "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None})
-            return head | {"object": "chat.completion", "choices": choices, "usage": usage(len(ids), last)}
+            return head | {"object": "chat.completion", "choices": choices, "usage": usage(len(ids), last, thought)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -313,7 +314,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 yield _stream_error(e)
                 return
             if include_usage and last is not None:
-                yield chunk([], usage=usage(len(ids), last))
+                thought = sum(len(tok.encode(p.sent[0])) for p in parsers if p.sent[0])
+                yield chunk([], usage=usage(len(ids), last, thought))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
