@@ -214,8 +214,16 @@ def sample(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[lis
         # Exponential race: argmax_j p_j / E_j with E_j ~ Exp(1) iid is a draw from p (filtered tokens have p=0).
         probs_RV = (x_RV if len(rows) == R else x_RV[rows]).softmax(dim=-1)
         token_R[rows] = probs_RV.div_(_exp_noise(generators, rows, V, x_RV.device)).argmax(dim=-1)
-    token_ids = token_R.tolist()
+    token_ids = host_list(token_R)
     return SampleOutput(token_ids, token_logprobs(logits_RV, token_ids, [p.logprobs for p in params]))
+
+
+def host_list(t: Tensor) -> list:
+    """`t.tolist()`, waiting for the GPU with the GIL released first (`tolist` would hold it for the whole wait,
+    and the server's event loop, on another thread, could not run meanwhile)."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+    return t.tolist()
 
 
 def draw(probs_V: Tensor, generator: torch.Generator | None) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.infer.sampler import TokenLogprobs, draw, process_logits, sample, token_logprobs
+from dsv3.infer.sampler import TokenLogprobs, draw, host_list, process_logits, sample, token_logprobs
 
 
 def propose(mtp_logits_RV: torch.Tensor, seqs, eos_id: int | None) -> tuple[list[int], list[torch.Tensor | None]]:
@@ -22,7 +22,7 @@ def propose(mtp_logits_RV: torch.Tensor, seqs, eos_id: int | None) -> tuple[list
     drawn from (None when greedy)."""
     x_RV = process_logits(mtp_logits_RV, [s.params for s in seqs], [s.prompt_ids for s in seqs],
                           [s.output_ids for s in seqs], eos_id)
-    drafts, qs = x_RV.argmax(-1).tolist(), [None] * len(seqs)
+    drafts, qs = host_list(x_RV.argmax(-1)), [None] * len(seqs)
     for i, s in enumerate(seqs):
         if not s.params.greedy:
             qs[i] = x_RV[i].softmax(-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from dsv3.config import ModelConfig
 from dsv3.kernels.mla_decode import mla_decode
@@ -106,9 +107,11 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (H, self.dn + self.dv)).split((self.dn, self.dv), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # (H, Tb, Dn+Dr)
         k = torch.cat((k_nope, k_pe[:, None].expand(S, H, self.dr)), dim=-1).transpose(0, 1)  # (H, S, Dn+Dr)
-        # New token i sits at cache position S - Tb + i and sees keys up to there.
-        mask = torch.arange(S, device=q.device) <= torch.arange(S - Tb, S, device=q.device)[:, None]  # (Tb, S)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=mask, scale=self.scale)
+        # New token i sits at cache position S - Tb + i and sees keys up to there: causal, aligned bottom-right.
+        # As a CausalBias (not a bool mask) SDPA keeps its fused kernels on a GPU; a mask sent it to the fp32 math
+        # path (bench-684m, 64 new tokens over 8K cached: 3.8 ms of 12.6 ms GPU time).
+        o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=causal_lower_right(Tb, S),
+                                           scale=self.scale)
         return o.transpose(0, 1)  # (Tb, H, Dv)
 
     def _absorbed(self, q_nope, q_pe, kv, block_tables, lens):
