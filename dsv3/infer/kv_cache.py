@@ -47,12 +47,8 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks}: the KV cache needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.seed = hashlib.blake2b(model_id.encode(), digest_size=16).digest()  # chain start: model identity
         self.ref = [0] * num_blocks
-        self.hash: list[bytes | None] = [None] * num_blocks
-        self.by_hash: dict[bytes, int] = {}
-        self.free: deque[int] = deque(range(num_blocks))  # unreferenced, holding nothing reusable
-        self.cached: OrderedDict[int, None] = OrderedDict()  # unreferenced but hashed; least recent first
+        self.rename(model_id)  # sets seed (the hash chain's start: model identity), hash, by_hash, free, cached
         self.hits = self.queries = 0  # prompt tokens served from / looked up in the prefix cache
         self.spill = None  # called as spill(block, hash) before a cached block is overwritten (second tier)
 
@@ -62,8 +58,10 @@ class BlockPool:
         if any(self.ref):
             raise RuntimeError("the block pool is in use: rename it only when no sequence runs")
         self.seed = hashlib.blake2b(model_id.encode(), digest_size=16).digest()
-        self.hash, self.by_hash = [None] * self.num_blocks, {}
-        self.free, self.cached = deque(range(self.num_blocks)), OrderedDict()
+        self.hash: list[bytes | None] = [None] * self.num_blocks
+        self.by_hash: dict[bytes, int] = {}
+        self.free: deque[int] = deque(range(self.num_blocks))  # unreferenced, holding nothing reusable
+        self.cached: OrderedDict[int, None] = OrderedDict()  # unreferenced but hashed; least recent first
 
     @property
     def num_free(self) -> int:

@@ -182,9 +182,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                      last.num_cached_tokens if last else 0, n_out, "done" if done else "cancelled",
                      time.perf_counter() - t0)
 
-    def usage(prompt_len: int, last: RequestOutput, reasoning_tokens: int = 0) -> dict:
-        completion = sum(len(c.token_ids) for c in last.outputs)
-        hit = last.num_cached_tokens
+    def usage(runs: list[tuple[int, RequestOutput]], reasoning_tokens: int = 0) -> dict:
+        """Usage of one or more engine requests, given as (prompt length, final output)."""
+        prompt_len = sum(n for n, _ in runs)
+        completion = sum(len(c.token_ids) for _, last in runs for c in last.outputs)
+        hit = sum(last.num_cached_tokens for _, last in runs)
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
                 "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_len - hit,
                 "prompt_tokens_details": {"cached_tokens": hit},
@@ -272,7 +274,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                                              for i, x in enumerate(calls)]
                 choices.append({"index": c.index, "message": message, "finish_reason": finish(c, calls),
                                 "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None})
-            return head | {"object": "chat.completion", "choices": choices, "usage": usage(len(ids), last, thought)}
+            return head | {"object": "chat.completion", "choices": choices, "usage": usage([(len(ids), last)], thought)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -315,7 +317,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 return
             if include_usage and last is not None:
                 thought = sum(len(tok.encode(p.sent[0])) for p in parsers if p.sent[0])
-                yield chunk([], usage=usage(len(ids), last, thought))
+                yield chunk([], usage=usage([(len(ids), last)], thought))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -369,10 +371,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     lp = logprobs_of(c.logprobs, len(echo)) if c.logprobs is not None else None
                     choices.append({"index": i * n + c.index, "text": echo + c.text, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
-            total = {k: sum(usage(len(ids), last)[k] for (ids, _), last in zip(jobs, lasts))
-                     for k in ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens",
-                               "prompt_cache_miss_tokens")}
-            total["prompt_tokens_details"] = {"cached_tokens": total["prompt_cache_hit_tokens"]}
+            total = usage([(len(ids), last) for (ids, _), last in zip(jobs, lasts)])
             return head | {"object": "text_completion", "choices": choices, "usage": total}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -421,10 +420,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     if choices:
                         yield f"data: {json.dumps(head | {'object': 'text_completion', 'choices': choices})}\n\n"
                 if include_usage and all(lasts):
-                    u = [usage(len(ids), last) for (ids, _), last in zip(jobs, lasts)]
-                    total = {k: sum(x[k] for x in u) for k in ("prompt_tokens", "completion_tokens", "total_tokens",
-                                                              "prompt_cache_hit_tokens", "prompt_cache_miss_tokens")}
-                    total["prompt_tokens_details"] = {"cached_tokens": total["prompt_cache_hit_tokens"]}
+                    total = usage([(len(ids), last) for (ids, _), last in zip(jobs, lasts)])
                     body = head | {"object": "text_completion", "choices": [], "usage": total}
                     yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"

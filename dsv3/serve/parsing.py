@@ -14,12 +14,14 @@ from dsv3.tokenizer import THINK, THINK_END, TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN, 
 ARGS_OPEN, ARGS_END = "```json\n", "\n```"  # around a call's arguments, after the line with its name
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of `marker` (0 if none)."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
+def _held(text: str, marker: str, final: bool) -> str:
+    """`text` without its longest tail that is a proper prefix of `marker` (it may still become the marker),
+    unless the output is final."""
+    if not final:
+        for k in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:k]):
+                return text[:-k]
+    return text
 
 
 def split_reasoning(text: str, thinking: bool, final: bool) -> tuple[str, str]:
@@ -34,14 +36,13 @@ def split_reasoning(text: str, thinking: bool, final: bool) -> tuple[str, str]:
     if THINK_END in body:
         reasoning, content = body.split(THINK_END, 1)
         return reasoning, content
-    return (body if final else body[: len(body) - _partial_suffix(body, THINK_END)]), ""
+    return _held(body, THINK_END, final), ""
 
 
 @dataclass
 class Call:
     name: str
     arguments: str  # the JSON text so far
-    done: bool
 
 
 def split_tool_calls(text: str, final: bool) -> tuple[str, list[Call]]:
@@ -49,7 +50,7 @@ def split_tool_calls(text: str, final: bool) -> tuple[str, list[Call]]:
     call <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>. A call appears once
     its name is complete; its arguments grow as they arrive."""
     if TOOL_CALLS_BEGIN not in text:
-        return (text if final else text[: len(text) - _partial_suffix(text, TOOL_CALLS_BEGIN)]), []
+        return _held(text, TOOL_CALLS_BEGIN, final), []
     content, block = text.split(TOOL_CALLS_BEGIN, 1)
     calls = []
     for part in block.split(TOOL_CALL_BEGIN)[1:]:
@@ -58,14 +59,11 @@ def split_tool_calls(text: str, final: bool) -> tuple[str, list[Call]]:
         if not (sep and newline):
             break  # the name is not complete yet
         if not rest.startswith(ARGS_OPEN):  # "```json" itself still arriving (or malformed): no arguments yet
-            calls.append(Call(name.strip(), "", False))
+            calls.append(Call(name.strip(), ""))
             continue
         body = rest[len(ARGS_OPEN):]
-        if ARGS_END in body:
-            calls.append(Call(name.strip(), body.split(ARGS_END, 1)[0], True))
-        else:
-            calls.append(Call(name.strip(), body if final else body[: len(body) - _partial_suffix(body, ARGS_END)],
-                              final))
+        args = body.split(ARGS_END, 1)[0] if ARGS_END in body else _held(body, ARGS_END, final)
+        calls.append(Call(name.strip(), args))
     return content, calls
 
 
