@@ -43,8 +43,38 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_plot(args) -> None:
+    from dsv3.rl.plot import is_rl_run, plot_rl
     from dsv3.train.metrics import plot_run
-    print(f"wrote {plot_run(Path(args.run_dir), args.out)}")
+    plot = plot_rl if is_rl_run(Path(args.run_dir)) else plot_run
+    print(f"wrote {plot(Path(args.run_dir), args.out)}")
+
+
+def cmd_sft(args) -> None:
+    import json
+    from dsv3.rl.sft import SFTTrainer, from_args
+    print(json.dumps(SFTTrainer(from_args(args)).run()))
+
+
+def cmd_grpo(args) -> None:
+    import json
+    if args.demo:
+        from dsv3.rl.demo import DemoConfig, demo
+        demo(DemoConfig(out=args.out or "runs/grpo-demo", init_from=args.init_from, threads=args.threads))
+        return
+    from dsv3.rl.grpo import GRPOTrainer, from_args
+    if not args.init_from:
+        raise ValueError("--init-from: the policy checkpoint to train (or --demo)")
+    print(json.dumps(GRPOTrainer(from_args(args)).run()))
+
+
+def cmd_rft(args) -> None:
+    from dsv3.rl.rft import run
+    run(args)
+
+
+def cmd_eval(args) -> None:
+    from dsv3.rl.evaluate import run
+    run(args)
 
 
 def cmd_generate(args) -> None:
@@ -106,8 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_args(srv)
     srv.set_defaults(fn=cmd_serve)
 
-    plot = sub.add_parser("plot", help="PNG of a run's loss, learning rate and expert-load balance")
-    plot.add_argument("run_dir", help="a run directory written by dsv3 train")
+    from dsv3.rl import evaluate, grpo, rft, sft
+    sf = sub.add_parser("sft", help="supervised fine-tuning on chat data (loss on the assistant's tokens)")
+    sft.add_args(sf)
+    sf.set_defaults(fn=cmd_sft)
+
+    gr = sub.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task (R1 style); --demo")
+    grpo.add_args(gr)
+    gr.set_defaults(fn=cmd_grpo)
+
+    rf = sub.add_parser("rft", help="rejection-sampling fine-tuning: keep correct samples, then SFT on them")
+    rft.add_args(rf)
+    rf.set_defaults(fn=cmd_rft)
+
+    ev = sub.add_parser("eval", help="task accuracy (greedy or pass@k) and text perplexity of a checkpoint")
+    evaluate.add_args(ev)
+    ev.set_defaults(fn=cmd_eval)
+
+    plot = sub.add_parser("plot", help="PNG of a run's curves: loss, lr and expert balance; or GRPO's rewards")
+    plot.add_argument("run_dir", help="a run directory written by dsv3 train or dsv3 grpo")
     plot.add_argument("--out", help="PNG path (default RUN_DIR/plot.png)")
     plot.set_defaults(fn=cmd_plot)
     return p

@@ -43,16 +43,22 @@ class LLM:
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
-        n_tokens = 0
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                n_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
-            bar.set_postfix(tok_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f}", refresh=False)
-        bar.close()
-        return [done[i] for i in ids]
+        return run_requests(self.engine, prompts, params, use_tqdm)
+
+
+def run_requests(engine: Engine, prompts: list, params: list[SamplingParams], use_tqdm: bool = True,
+                 desc: str = "generating") -> list[RequestOutput]:
+    """Run the prompts through the engine to the end -> their finished RequestOutputs, in prompt order."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    done: dict[str, RequestOutput] = {}
+    bar = tqdm(total=len(ids), desc=desc, unit="req", disable=not use_tqdm)
+    n_tokens = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            n_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
+            if out.finished:
+                done[out.request_id] = out
+                bar.update(1)
+        bar.set_postfix(tok_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f}", refresh=False)
+    bar.close()
+    return [done[i] for i in ids]

@@ -64,6 +64,12 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         axes[2].plot([r["step"] for r in vio], [max(r["maxvio"]) for r in vio], label="worst layer", alpha=0.7)
         axes[2].legend()
     axes[2].set(xlabel="step", ylabel="MaxVio = max load / mean load − 1", title="expert load balance")
+    return save_figure(fig, run_dir, out)
+
+
+def save_figure(fig, run_dir: Path, out: Path | None) -> Path:
+    """Title the figure with the run, write it (default RUN_DIR/plot.png) and free it."""
+    import matplotlib.pyplot as plt
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "plot.png"

@@ -1,0 +1,405 @@
+"""`dsv3 grpo`: Group Relative Policy Optimization with rule-based rewards (SPEC §15.2–15.5).
+
+One step = sample G completions for each of `prompts_per_step` prompts with the inference engine → score them →
+group-normalised advantages → μ passes of clipped policy-gradient updates over the rollout (in `minibatches`
+optimizer steps each) → hand the new weights to the engine.
+
+Design notes
+- Weight sync without a checkpoint round trip: on a CPU (fp32) the engine runs the policy module itself; on a
+  GPU it runs a bf16 copy that is overwritten in place (CUDA graphs keep pointing at the same storage). Either
+  way `Engine.weights_changed()` then gives the prefix cache a new identity and drops its blocks, and the engine
+  has no disk tier here, so no latent of old weights is ever reused.
+- Log-probs: prompts are left-padded as a separate document (`doc_ids` 0), so attention never sees the padding,
+  positions start at each prompt's first token, and every completion starts at the same column. Logits are
+  divided by the sampling temperature (TRL's convention), and only completion rows reach the vocabulary.
+- π_old = π_θ.detach() when the rollout is used for one optimizer step (μ = 1, one minibatch), as in TRL;
+  otherwise a no-grad pass before the updates records it. The frozen reference exists only when β ≠ 0 and is
+  refreshed from the policy every `ref_refresh` steps.
+- Dynamic sampling (DAPO) drops groups whose rewards are all equal and samples more prompts to refill the
+  batch; overlong filtering masks truncated completions out of the loss (they still count in their group's
+  statistics).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dsv3.infer.engine import Engine, EngineConfig
+from dsv3.infer.llm import run_requests
+from dsv3.infer.sampler import SamplingParams
+from dsv3.kernels.cross_entropy import cross_entropy
+from dsv3.rl.evaluate import task_accuracy
+from dsv3.rl.loss import AGGREGATIONS, SCALES, group_advantages, policy_loss
+from dsv3.rl.plot import plot_rl
+from dsv3.rl.rewards import build_rewards
+from dsv3.rl.sft import load_policy
+from dsv3.rl.tasks import get_task
+from dsv3.train.checkpoint import save_checkpoint
+from dsv3.train.metrics import MetricsLog
+from dsv3.train.optim import build_optimizer, lr_at
+
+
+@dataclass(slots=True)
+class GRPOConfig:
+    init_from: str = ""  # the policy's checkpoint (HF layout with tokenizer files), e.g. an SFT run's
+    task: str = "arithmetic"
+    rewards: str = "accuracy=1,format=1"  # R1: accuracy + format, equal weight
+    out: str = "runs/grpo"
+    steps: int = 100
+    prompts_per_step: int = 16
+    group_size: int = 8  # G
+    max_tokens: int = 256  # longest completion
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-6
+    warmup: int = 0
+    schedule: str = "wsd"  # with decay_fraction 0: constant after warmup
+    decay_fraction: float = 0.0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    beta: float = 0.0  # KL coefficient (TRL default 0; DeepSeekMath 0.04)
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # DAPO's clip-higher: 0.28
+    aggregation: str = "dapo"  # grpo | dapo | dr_grpo
+    scale_rewards: str = "group"  # group | batch | none
+    mu: int = 1  # passes over each rollout
+    minibatches: int = 1  # optimizer steps per pass
+    micro_batch_size: int = 0  # sequences per forward/backward (0: a whole minibatch)
+    ref_refresh: int = 0  # reference ← policy every K steps (0: never)
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    overlong_filter: bool = True
+    overlong_buffer: int = 0  # the `overlong` reward's buffer (tokens)
+    eval_every: int = 20
+    eval_n: int = 200
+    seed: int = 0
+    device: str = "auto"
+    param_dtype: str = "fp32"
+    autocast: bool | None = None
+    threads: int | None = None
+    keep: int = 1
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+        if self.group_size < 2:
+            bad("group_size", "must be >= 2: a group of one has no relative advantage")
+        for name in ("steps", "prompts_per_step", "max_tokens", "mu", "minibatches", "max_sampling_rounds"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if self.temperature <= 0:
+            bad("temperature", "must be > 0: GRPO needs sampled, not greedy, completions")
+        if self.aggregation not in AGGREGATIONS:
+            bad("aggregation", f"must be one of {AGGREGATIONS}")
+        if self.scale_rewards not in SCALES:
+            bad("scale_rewards", f"must be one of {SCALES}")
+        if self.prompts_per_step * self.group_size % self.minibatches:
+            bad("minibatches", f"must divide prompts_per_step × group_size = {self.prompts_per_step * self.group_size}")
+
+
+@dataclass
+class Rollout:
+    prompts: list[list[int]]  # (N,) prompt ids, each repeated for its G completions
+    completions: list[list[int]]
+    rewards: torch.Tensor  # (N,)
+    advantages: torch.Tensor  # (N,)
+    truncated: list[bool]
+    stats: dict
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg = cfg
+        self.model, self.tok, self.device = load_policy(cfg.init_from, cfg.device, cfg.param_dtype, cfg.threads)
+        self.autocast = self.device.type == "cuda" if cfg.autocast is None else cfg.autocast
+        self.task = get_task(cfg.task)
+        self.rewards = build_rewards(cfg.rewards, self.task, cfg.max_tokens, cfg.overlong_buffer)
+        self.train_problems = self.task.problems(cfg.steps * cfg.prompts_per_step, cfg.seed)
+        self.heldout = self.task.problems(cfg.eval_n, cfg.seed, "test") if cfg.eval_every else []
+        self.next_problem = 0
+        self.opt = build_optimizer(self.model, cfg)
+        self.ref = copy.deepcopy(self.model).requires_grad_(False) if cfg.beta else None
+        # The engine samples with the policy's own weights: the module itself, or a bf16 copy on a GPU.
+        shared = self.device.type == "cpu" or next(self.model.parameters()).dtype == torch.bfloat16
+        self.engine_model = self.model if shared else copy.deepcopy(self.model).to(torch.bfloat16)
+        n_seqs = min(256, cfg.prompts_per_step * cfg.group_size)
+        blocks = n_seqs * (-(-(cfg.max_tokens + 512) // 64) + 1)  # prompts up to 512 tokens; more preempts
+        self.engine = Engine(self.engine_model, self.tok, EngineConfig(num_blocks=blocks, max_num_seqs=n_seqs,
+                                                                       seed=cfg.seed))
+        self.run_dir = Path(cfg.out)
+        self.step = 0
+
+    # ---- rollout ------------------------------------------------------------------------------------------
+    def _problems(self, n: int):
+        out = [self.train_problems[(self.next_problem + i) % len(self.train_problems)] for i in range(n)]
+        self.next_problem += n
+        return out
+
+    def _sample(self, problems):
+        cfg, G = self.cfg, self.cfg.group_size
+        prompts = [self.tok.apply_chat_template(p.messages(), tokenize=True) for p in problems]
+        params = [SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                                 seed=hash((cfg.seed, self.step, self.next_problem, i)) & (2**62 - 1))
+                  for i in range(len(problems))]
+        self.model.eval()
+        with torch.inference_mode():
+            outs = run_requests(self.engine, prompts, params, use_tqdm=False)
+        comps = [c for o in outs for c in o.outputs]
+        reps = [p for p in problems for _ in range(G)]
+        total, per_fn = self.rewards([c.text for c in comps], reps, [len(c.token_ids) for c in comps])
+        return ([x for x in prompts for _ in range(G)], comps, torch.tensor(total, dtype=torch.float64), per_fn)
+
+    def rollout(self) -> Rollout:
+        cfg, G = self.cfg, self.cfg.group_size
+        prompts, comps, rewards, per_fn = self._sample(self._problems(cfg.prompts_per_step))
+        zero_std = float((rewards.view(-1, G).std(1) == 0).float().mean())
+        stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), "frac_zero_std": zero_std}
+        for name, values in per_fn.items():
+            kept = [v for v in values if v is not None]
+            stats[f"reward_{name}"] = sum(kept) / max(1, len(kept))
+        stats["completion_len_mean"] = sum(len(c.token_ids) for c in comps) / len(comps)
+        stats["completion_len_max"] = max(len(c.token_ids) for c in comps)
+        stats["truncated_frac"] = sum(c.finish_reason == "length" for c in comps) / len(comps)
+        stats["generated_tokens"] = sum(len(c.token_ids) for c in comps)
+        if cfg.dynamic_sampling:  # keep groups with a signal; refill from new prompts
+            keep = rewards.view(-1, G).std(1) > 0
+            groups = [(prompts[g * G:(g + 1) * G], comps[g * G:(g + 1) * G], rewards[g * G:(g + 1) * G])
+                      for g in range(len(keep)) if keep[g]]
+            rounds = 1
+            while len(groups) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
+                p2, c2, r2, _ = self._sample(self._problems(cfg.prompts_per_step - len(groups)))
+                stats["generated_tokens"] += sum(len(c.token_ids) for c in c2)
+                groups += [(p2[g * G:(g + 1) * G], c2[g * G:(g + 1) * G], r2[g * G:(g + 1) * G])
+                           for g in range(len(r2) // G) if r2[g * G:(g + 1) * G].std() > 0]
+                rounds += 1
+            groups = groups[:cfg.prompts_per_step]
+            stats["sampling_rounds"] = rounds
+            if not groups:
+                return Rollout([], [], torch.zeros(0), torch.zeros(0), [], stats)
+            prompts = [x for g in groups for x in g[0]]
+            comps = [x for g in groups for x in g[1]]
+            rewards = torch.cat([g[2] for g in groups])
+        adv = group_advantages(rewards, G, cfg.scale_rewards)
+        return Rollout(prompts, [c.token_ids for c in comps], rewards, adv,
+                       [c.finish_reason == "length" for c in comps], stats)
+
+    # ---- update -------------------------------------------------------------------------------------------
+    def _batch(self, ro: Rollout, rows: list[int]):
+        """Left-padded (prompt ‖ completion) ids, doc_ids, completion targets and mask for some rollout rows."""
+        P = max(len(ro.prompts[i]) for i in rows)
+        C = max(len(ro.completions[i]) for i in rows)
+        pad = self.tok.eos_id
+        ids, docs, targets, mask = [], [], [], []
+        for i in rows:
+            p, c = ro.prompts[i], ro.completions[i]
+            ids.append([pad] * (P - len(p)) + p + c + [pad] * (C - len(c)))
+            docs.append([0] * (P - len(p)) + [1] * (len(p) + C))
+            targets.append(c + [pad] * (C - len(c)))
+            keep = not (self.cfg.overlong_filter and ro.truncated[i])
+            mask.append([keep] * len(c) + [False] * (C - len(c)))
+        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=self.device)  # noqa: E731
+        return t(ids), t(docs), t(targets), t(mask, torch.bool), P
+
+    def _logp(self, model, ids, docs, targets, mask, P, entropy: bool = False):
+        """(N, C) log-probs of the completion tokens at the sampling temperature (0 where masked)."""
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            logits = model(ids[:, :-1], doc_ids=docs[:, :-1]).logits[:, P - 1:]  # (N, C, V): column j → token j
+        rows = logits[mask].float() / self.cfg.temperature  # (M, V) completion rows only
+        logp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+        logp[mask] = -cross_entropy(rows, targets[mask])
+        ent = None
+        if entropy:
+            with torch.no_grad():
+                lp = torch.log_softmax(rows, -1)
+                ent = float(-(lp.exp() * lp).sum(-1).mean()) if len(rows) else 0.0
+        return logp, ent
+
+    def update(self, ro: Rollout) -> dict:
+        cfg, N = self.cfg, len(ro.completions)
+        mb_size = N // cfg.minibatches if N % cfg.minibatches == 0 else N
+        micro = cfg.micro_batch_size or mb_size
+        reuse_logp = cfg.mu == 1 and mb_size == N  # one optimizer step per rollout: π_old = π_θ
+        self.model.train()
+        old = ref = None
+        if not reuse_logp or self.ref is not None:
+            old, ref = self._recorded_logps(ro, micro, need_old=not reuse_logp)
+        sums, n_opt, entropies = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}, 0, []
+        g = torch.Generator().manual_seed(cfg.seed * 1000003 + self.step)
+        for _ in range(cfg.mu):
+            order = torch.randperm(N, generator=g).tolist()
+            for start in range(0, N, mb_size):
+                mb = order[start:start + mb_size]
+                n_tok = sum(len(ro.completions[i]) for i in mb if not (cfg.overlong_filter and ro.truncated[i]))
+                for s in range(0, len(mb), micro):
+                    rows = mb[s:s + micro]
+                    ids, docs, targets, mask, P = self._batch(ro, rows)
+                    # Entropy is logged from the first microbatch of each step: a sample, at no extra forward.
+                    logp, ent = self._logp(self.model, ids, docs, targets, mask, P, entropy=not entropies)
+                    if ent is not None:
+                        entropies.append(ent)
+                    pick = lambda d: self._padded(d, rows, logp.shape[1])  # noqa: E731
+                    loss, m = policy_loss(
+                        logp, logp.detach() if reuse_logp else pick(old), ro.advantages[rows].to(self.device), mask,
+                        ref_logp_NT=pick(ref), beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                        aggregation=cfg.aggregation, max_completion_length=cfg.max_tokens,
+                        num_sequences=len(mb), num_tokens=max(n_tok, 1))
+                    loss.backward()
+                    w = len(rows) / len(mb)
+                    sums["loss"] += float(loss.detach())
+                    for k in ("clip_low", "clip_high", "kl"):
+                        sums[k] += m.get(k, 0.0) * w
+                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                n_opt += 1
+        out = {k: v / n_opt for k, v in sums.items()}
+        out["entropy"] = entropies[0] if entropies else 0.0
+        if not cfg.beta:
+            del out["kl"]
+        return out
+
+    @torch.no_grad()
+    def _recorded_logps(self, ro: Rollout, micro: int, need_old: bool):
+        """π_old (before any update of this step) and π_ref log-probs, per row, trimmed to its completion."""
+        old, ref = ({} if need_old else None), ({} if self.ref is not None else None)
+        for start in range(0, len(ro.completions), micro):
+            rows = list(range(start, min(len(ro.completions), start + micro)))
+            batch = self._batch(ro, rows)
+            for model, store in ((self.model, old), (self.ref, ref)):
+                if store is not None:
+                    logp = self._logp(model, *batch)[0]
+                    store.update({i: logp[k, :len(ro.completions[i])] for k, i in enumerate(rows)})
+        return old, ref
+
+    def _padded(self, logps: dict | None, rows: list[int], C: int) -> torch.Tensor | None:
+        if logps is None:
+            return None
+        return torch.stack([torch.nn.functional.pad(logps[i], (0, C - len(logps[i]))) for i in rows])
+
+    def sync_engine(self) -> None:
+        if self.engine_model is not self.model:
+            with torch.no_grad():
+                for dst, src in zip(self.engine_model.state_dict().values(), self.model.state_dict().values()):
+                    dst.copy_(src)
+        self.engine.weights_changed()
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        with torch.inference_mode():
+            r = task_accuracy(self.engine, self.task, self.heldout, max_tokens=self.cfg.max_tokens,
+                              seed=self.cfg.seed)
+        return {"step": self.step, "eval_accuracy": r["accuracy"], "eval_format_rate": r["format_rate"],
+                "eval_mean_length": r["mean_length"]}
+
+    # ---- the run ------------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        ro = self.rollout()
+        t1 = time.perf_counter()
+        rec = {"step": self.step + 1, "lr": lr, **ro.stats}
+        if ro.completions:
+            rec.update(self.update(ro))
+            if self.ref is not None and cfg.ref_refresh and (self.step + 1) % cfg.ref_refresh == 0:
+                self.ref.load_state_dict(self.model.state_dict())
+            self.sync_engine()
+        else:
+            rec["skipped"] = "every group had equal rewards"
+        t2 = time.perf_counter()
+        self.step += 1
+        rec.update(time_generate=t1 - t0, time_update=t2 - t1,
+                   generate_tokens_per_s=ro.stats["generated_tokens"] / max(t1 - t0, 1e-9))
+        return rec
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        print(f"GRPO on {self.task.name}: {cfg.steps} steps of {cfg.prompts_per_step} prompts × G={cfg.group_size}, "
+              f"rewards {cfg.rewards}, aggregation {cfg.aggregation}, scaling {cfg.scale_rewards}, β={cfg.beta}, "
+              f"on {self.device}")
+        log = MetricsLog(self.run_dir / "metrics.jsonl")
+        first = last = self.evaluate() if cfg.eval_every else None
+        if first:
+            log.write(first)
+            print(f"held-out accuracy before GRPO: {first['eval_accuracy']:.3f} ({len(self.heldout)} problems)")
+        bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True)
+        while self.step < cfg.steps:
+            rec = self.train_step()
+            log.write(rec)
+            bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", len=f"{rec['completion_len_mean']:.0f}",
+                            refresh=False)
+            bar.update(1)
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                last = self.evaluate()
+                log.write(last)
+                bar.write(f"step {self.step}: held-out accuracy {last['eval_accuracy']:.3f}")
+        bar.close()
+        log.close()
+        tok_dir = self.run_dir / "tokenizer"
+        self.tok.save(tok_dir)
+        ckpt = save_checkpoint(self.run_dir, self.step, self.model, self.opt,
+                               {"grpo_config": dataclasses.asdict(cfg)}, cfg.keep, tok_dir)
+        return {"steps": self.step, "checkpoint": str(ckpt / "model"), "plot": str(plot_rl(self.run_dir)),
+                "accuracy_before": first and first["eval_accuracy"], "accuracy_after": last and last["eval_accuracy"],
+                "n_heldout": len(self.heldout)}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    d = GRPOConfig()
+    a("--demo", action="store_true", help="pretrain-or-load tiny → SFT on the task format → GRPO, with held-out "
+      "accuracy before and after (CPU, about 20 minutes); the other flags are ignored except --out and --threads")
+    a("--init-from", help="policy checkpoint directory (Hugging Face layout + tokenizer), e.g. from dsv3 sft")
+    a("--task", default=d.task, help="arithmetic[:MIN-MAX[+-]], countdown[:COUNT] or rg:DATASET (default arithmetic)")
+    a("--rewards", default=d.rewards, help="NAME[=WEIGHT],...: accuracy, format, overlong, package.module:function "
+      f"(default {d.rewards})")
+    a("--out", help="run directory (default runs/grpo; runs/grpo-demo with --demo)")
+    a("--steps", type=int, default=d.steps, help=f"GRPO steps (default {d.steps})")
+    a("--prompts-per-step", type=int, default=d.prompts_per_step,
+      help=f"prompts per step (default {d.prompts_per_step})")
+    a("--group-size", "-G", type=int, default=d.group_size, help=f"completions per prompt G (default {d.group_size})")
+    a("--max-tokens", type=int, default=d.max_tokens, help=f"longest completion (tokens; default {d.max_tokens})")
+    a("--temperature", type=float, default=d.temperature, help="sampling temperature (default 1.0)")
+    a("--top-p", type=float, default=d.top_p, help="nucleus sampling (default 1.0)")
+    a("--lr", type=float, default=d.lr, help=f"learning rate, constant after warmup (default {d.lr})")
+    a("--warmup", type=int, default=d.warmup, help="warmup steps (default 0)")
+    a("--beta", type=float, default=d.beta, help="KL coefficient β (default 0: no reference model)")
+    a("--eps-low", type=float, default=d.eps_low, help="lower clip ε_low (default 0.2)")
+    a("--eps-high", type=float, default=d.eps_high, help="upper clip ε_high (default 0.2; DAPO 0.28)")
+    a("--aggregation", choices=AGGREGATIONS, default=d.aggregation, help="loss aggregation (default dapo)")
+    a("--scale-rewards", choices=SCALES, default=d.scale_rewards, help="advantage std scaling (default group)")
+    a("--mu", type=int, default=d.mu, help="policy-update passes per rollout μ (default 1)")
+    a("--minibatches", type=int, default=d.minibatches, help="optimizer steps per pass (default 1)")
+    a("--micro-batch-size", type=int, default=0, help="sequences per forward/backward (default: a minibatch)")
+    a("--ref-refresh", type=int, default=0, help="reference ← policy every K steps (default 0: never)")
+    a("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=False,
+      help="drop groups with equal rewards and sample more prompts (DAPO)")
+    a("--overlong-filter", action=argparse.BooleanOptionalAction, default=True,
+      help="mask truncated completions out of the loss (default on)")
+    a("--overlong-buffer", type=int, default=0, help="buffer of the 'overlong' reward (tokens)")
+    a("--eval-every", type=int, default=d.eval_every, help="held-out greedy accuracy every N steps (0: off)")
+    a("--eval-n", type=int, default=d.eval_n, help=f"held-out problems (default {d.eval_n})")
+    a("--seed", type=int, default=0, help="seed of problems and sampling (default 0)")
+    a("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def from_args(args: argparse.Namespace) -> GRPOConfig:
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    return GRPOConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
