@@ -112,6 +112,15 @@ def test_arithmetic_reasoning_and_answers_agree_with_python():
         assert task.score(p.answer, p) == 1.0 and task.score(str(expected + 1), p) == 0.0
 
 
+def test_chain_sum_rewrites_keep_the_value_and_end_at_the_answer():
+    task = get_task("chain:2-5")
+    for p in task.problems(200, seed=4):
+        terms = [int(t) for t in p.question.removeprefix("What is ").removesuffix("?").split(" + ")]
+        lines = task.solution(p).split(THINK_END)[0].removeprefix(THINK).strip().splitlines()
+        assert [sum(int(t) for t in line.split(" + ")) for line in lines] == [sum(terms)] * len(terms)
+        assert lines[0] == " + ".join(map(str, terms)) and lines[-1] == p.answer == str(sum(terms))
+
+
 def test_countdown_verifier_checks_value_and_numbers_used():
     task = Countdown(4)
     for p in task.problems(100, seed=2):
@@ -142,6 +151,11 @@ def test_reasoning_gym_task_is_scored_by_reasoning_gym():
 
 def test_format_rule():
     assert well_formed(f"{THINK}x{THINK_END} 3")
+    task = get_task("chain")
+    p = task.problems(1, seed=0)[0]
+    direct = task.solution(p, reasoning=False)  # the demo's warm start answers some problems at once
+    assert direct == f"{THINK}\n{THINK_END}\n{p.answer}" and well_formed(direct)
+    assert task.score(final_answer(direct), p) == 1.0
     for bad in (f"{THINK}x{THINK_END}", "3", f"x{THINK}y{THINK_END}3", f"{THINK}{THINK}x{THINK_END}3"):
         assert not well_formed(bad)
 

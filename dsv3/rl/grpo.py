@@ -363,7 +363,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     d = GRPOConfig()
     a("--demo", action="store_true", help="pretrain-or-load tiny → SFT on the task format → GRPO, with held-out "
-      "accuracy before and after (CPU, about 20 minutes); the other flags are ignored except --out and --threads")
+      "accuracy before and after (CPU, under 20 minutes); other flags are ignored but --out, --init-from, --threads")
     a("--init-from", help="policy checkpoint directory (Hugging Face layout + tokenizer), e.g. from dsv3 sft")
     a("--task", default=d.task, help="arithmetic[:MIN-MAX[+-]], countdown[:COUNT] or rg:DATASET (default arithmetic)")
     a("--rewards", default=d.rewards, help="NAME[=WEIGHT],...: accuracy, format, overlong, package.module:function "

@@ -68,8 +68,10 @@ class Task:
     def reasoning(self, problem: Problem) -> str:
         raise NotImplementedError
 
-    def solution(self, problem: Problem) -> str:
-        return f"{THINK}\n{self.reasoning(problem)}\n{THINK_END}\n{problem.answer}"
+    def solution(self, problem: Problem, reasoning: bool = True) -> str:
+        """The worked solution, or (reasoning=False) the answer straight after an empty reasoning block."""
+        thought = f"{self.reasoning(problem)}\n" if reasoning else ""
+        return f"{THINK}\n{thought}{THINK_END}\n{problem.answer}"
 
     def problems(self, n: int, seed: int, split: str = "train") -> list[Problem]:
         """n distinct problems of the split, reproducible from the seed."""
