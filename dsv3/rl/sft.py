@@ -195,8 +195,8 @@ def load_policy(path: str, device: str, param_dtype: str, threads: int | None = 
     return model.train(), tok, dev
 
 
-def token_nll(model: Transformer, batch: Batch, autocast: bool) -> torch.Tensor:
-    """Summed NLL of the labelled tokens of a packed batch."""
+def token_nll(model: Transformer, batch: Batch, autocast: bool):
+    """-> (summed NLL of the labelled tokens of a packed batch, the model's output)."""
     with torch.autocast(batch.input_ids.device.type, torch.bfloat16, enabled=autocast):
         out = model(batch.input_ids, doc_ids=batch.doc_ids)
     return cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten()).sum(), out
