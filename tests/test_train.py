@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,31 @@ def test_bad_input_errors(tmp_path):
         Trainer(_cfg(tmp_path, out="r3", preset="deepseek-v2-lite", balance="bias"))
     r = subprocess.run([sys.executable, "-m", "dsv3", "train", "--bogus-flag"], capture_output=True, text=True)
     assert r.returncode == 2 and "unrecognized arguments: --bogus-flag" in r.stderr
+
+
+def test_training_on_token_files_built_by_another_run(tmp_path):
+    first = Trainer(_cfg(tmp_path, steps=6))
+    first.run()
+    run = tmp_path / "run"
+    # Carried elsewhere without the corpus: the token files and the tokenizer are all a run needs.
+    again = Trainer(_cfg(tmp_path, out="again", steps=6, data=[str(run / "data")], tokenizer=str(run / "tokenizer")))
+    assert np.array_equal(again.train_tokens.tokens, first.train_tokens.tokens)
+    assert np.array_equal(again.val_tokens.tokens, first.val_tokens.tokens)
+    again.run()
+    with pytest.raises(ValueError, match="holds token files: pass the tokenizer"):
+        Trainer(_cfg(tmp_path, out="r2", data=[str(run / "data")]))
+    (tmp_path / "digits").mkdir()
+    for i in range(10):
+        (tmp_path / "digits" / f"{i}.txt").write_text(" ".join(str(j * j + i) for j in range(300)))
+    Trainer(_cfg(tmp_path, out="other", steps=1, data=[str(tmp_path / "digits")]))
+    with pytest.raises(ValueError, match="built with another tokenizer"):
+        Trainer(_cfg(tmp_path, out="r3", data=[str(run / "data")], tokenizer=str(tmp_path / "other" / "tokenizer")))
+
+
+def test_fp8_precision_trains_and_saves_a_plain_checkpoint(tmp_path):
+    summary = Trainer(_cfg(tmp_path, steps=12, precision="fp8", fp8_experts=True, fp8_min_dim=0)).run()
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert sum(r["loss"] for r in train[-3:]) < 0.8 * sum(r["loss"] for r in train[:3])
+    model = dsv3.load_model(summary["checkpoint"])  # no FP8 classes, no extra keys: a plain model
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))

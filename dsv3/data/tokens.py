@@ -83,6 +83,23 @@ def build_token_files(
     return _open(out_dir, key | counts)
 
 
+def is_token_dir(path: str | Path) -> bool:
+    return (Path(path) / "tokens.json").is_file()
+
+
+def open_token_files(out_dir: str | Path, tokenizer: Tokenizer) -> tuple[TokenFile, TokenFile]:
+    """A data directory built before (a run's `data/`, carried to another machine): train on it as is."""
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / "tokens.json").read_text())
+    if meta.get("tokenizer_sha256") != tokenizer_hash(tokenizer):
+        raise ValueError(f"{out_dir}: these token files were built with another tokenizer; pass the tokenizer "
+                         "directory of the run that built them (--tokenizer RUN/tokenizer)")
+    files = _reuse(out_dir, {k: meta[k] for k in ("format", "dtype")})
+    if files is None:
+        raise ValueError(f"{out_dir}: token files are missing, truncated or of another format than tokens.json says")
+    return files
+
+
 def _reuse(out_dir: Path, key: dict) -> tuple[TokenFile, TokenFile] | None:
     try:
         meta = json.loads((out_dir / "tokens.json").read_text())

@@ -55,6 +55,10 @@ class TrainConfig:
     device: str = "auto"
     param_dtype: str = "fp32"
     autocast: bool | None = None  # None: on for GPU runs, off on CPU (fp32)
+    precision: str = "bf16"  # fp8: decoder GEMMs in E4M3 with 1x128 / 128x128 scales (dsv3.train.fp8)
+    fp8_experts: bool = False  # with precision fp8: the routed experts' grouped GEMMs too (slower on H100 so far)
+    fp8_min_dim: int = 1024  # linears with a side below this stay bf16 (their FP8 GEMM did not pay)
+    fp8_ue8m0: bool = False  # power-of-two scales (UE8M0, as DeepSeek-V3.1)
     compile: bool = False
     activation_checkpointing: bool = False
     threads: int | None = None
@@ -70,7 +74,7 @@ class TrainConfig:
         if mb <= 0 or self.batch_size % mb:
             bad("micro_batch_size", f"must divide batch_size={self.batch_size}")
         for name, allowed in (("schedule", ("cosine", "wsd")), ("balance", ("auto", "bias", "aux", "none")),
-                              ("param_dtype", ("fp32", "bf16"))):
+                              ("param_dtype", ("fp32", "bf16")), ("precision", ("bf16", "fp8"))):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")
         if not 0 <= self.fim_rate <= 1:
@@ -89,7 +93,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--config", help="JSON file of TrainConfig fields (e.g. a run's run.json); flags given here override it")
     a("--preset", help="model preset for a new model (default tiny)")
     a("--init-from", help="start from the weights of this checkpoint directory (Hugging Face layout)")
-    a("--data", nargs="+", help=".txt / .jsonl (optionally .xz/.gz) files or directories (default: shipped corpus)")
+    a("--data", nargs="+", help=".txt / .jsonl (optionally .xz/.gz) files or directories (default: shipped corpus); "
+                                "or one run's data/ directory of token files, with that run's --tokenizer")
     a("--tokenizer", help="directory with tokenizer.json to use instead of training a BPE")
     a("--vocab-size", type=int, help="BPE vocabulary size when training a tokenizer (tokens; default 4096)")
     a("--model-vocab-size", type=int,
@@ -132,6 +137,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--autocast", action=argparse.BooleanOptionalAction,
       help="bf16 autocast over the parameters (default: on for GPU, off on CPU; on a CPU with native bf16 "
            "matmuls, such as AVX512-BF16 or AMX, it trains faster)")
+    a("--precision", choices=("bf16", "fp8"),
+      help="fp8: every GEMM of the decoder's linears and routed experts in E4M3 with fine-grained scales, "
+           "as DeepSeek-V3 (fast on Hopper GPUs; emulated exactly on CPU); head, router, norms, attention core "
+           "stay high precision (default bf16)")
+    a("--fp8-experts", action=argparse.BooleanOptionalAction,
+      help="with --precision fp8: routed experts in FP8 too, through our Triton grouped GEMMs (default off: on an "
+           "H100 they ran at 0.75x (Fprop) and 0.3x (Wgrad) of bf16 grouped_mm)")
+    a("--fp8-min-dim", type=int, help="with --precision fp8: linears with in or out features below this stay bf16 "
+                                      "(default 1024)")
+    a("--fp8-ue8m0", action=argparse.BooleanOptionalAction,
+      help="with --precision fp8: scales rounded up to powers of two (UE8M0; default off)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block (GPU)")
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute blocks in backward")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

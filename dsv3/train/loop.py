@@ -19,13 +19,14 @@ from dsv3.config import ModelConfig, preset
 from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import corpus_fingerprint, read_documents
 from dsv3.data.loader import PackedLoader
-from dsv3.data.tokens import build_token_files, unigram_loss
+from dsv3.data.tokens import build_token_files, is_token_dir, open_token_files, unigram_loss
 from dsv3.info import model_stats
 from dsv3.io import load_model
 from dsv3.model import Transformer
 from dsv3.tokenizer import Tokenizer
 from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from dsv3.train.config import TrainConfig
+from dsv3.train.fp8 import apply_fp8
 from dsv3.train.metrics import MetricsLog, plot_run
 from dsv3.train.objective import (max_violation, mtp_loss, next_token_loss, set_balance_loss,
                                   update_balance_bias)
@@ -55,9 +56,12 @@ class Trainer:
         if not cfg.resume:
             (self.run_dir / "run.json").write_text(cfg.to_json())
         self.tokenizer = self._tokenizer()
-        self.train_tokens, self.val_tokens = build_token_files(
-            read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
-            corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.seed)
+        if len(cfg.data) == 1 and is_token_dir(cfg.data[0]):  # tokenized before: train on those files
+            self.train_tokens, self.val_tokens = open_token_files(cfg.data[0], self.tokenizer)
+        else:
+            self.train_tokens, self.val_tokens = build_token_files(
+                read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
+                corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.seed)
         self.unigram = unigram_loss(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
         self.model = self._model()
         self.opt = build_optimizer(self.model, cfg)
@@ -80,6 +84,9 @@ class Trainer:
             return Tokenizer.from_dir(out)
         if self.cfg.tokenizer:
             tok = Tokenizer.from_dir(self.cfg.tokenizer)
+        elif len(self.cfg.data) == 1 and is_token_dir(self.cfg.data[0]):
+            raise ValueError(f"--data {self.cfg.data[0]} holds token files: pass the tokenizer they were built with "
+                             "(--tokenizer RUN/tokenizer)")
         else:
             print(f"training a {self.cfg.vocab_size}-token byte-level BPE on the corpus ...")
             tok = train_bpe(read_documents(self.cfg.data or None), self.cfg.vocab_size)
@@ -110,6 +117,8 @@ class Trainer:
         if not cfg.mtp and model.config.num_nextn_predict_layers:
             model.mtp = torch.nn.ModuleList()
             model.config = model.config.replace(num_nextn_predict_layers=0)
+        if cfg.precision == "fp8":
+            apply_fp8(model, experts=cfg.fp8_experts, ue8m0=cfg.fp8_ue8m0, min_dim=cfg.fp8_min_dim)
         if cfg.activation_checkpointing:
             for block in (*model.layers, *model.mtp):
                 block.forward = _checkpointed(block.forward)

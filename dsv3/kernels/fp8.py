@@ -1,0 +1,243 @@
+"""FP8 (E4M3) quantization with fine-grained scales and the block-scaled GEMM (SPEC §7.2, §7.4).
+
+    activations, activation gradients: one scale per 1×128 tile (a token × 128 channels)   `quantize_rows`
+    weights: one scale per 128×128 block                                                    `quantize_blocks`
+    scale = amax / 448 in fp32 (amax clamped to ≥ 1e-4, as DeepSeek's act_quant), optionally rounded up to a
+    power of two (UE8M0); q = fp8(x / scale); the real value is float(q) · scale. Ragged edges get a partial
+    tile with its own scale.
+
+`quantize_rows(x, both=True)` also returns x^T quantized along the other axis (1×128 tiles down the token dim),
+which the weight-gradient GEMM needs, from the same single read of x: the fused Triton kernel does both on the
+GPU. `fp8_mm(a, b)` is C = A·Bᵀ over quantized operands: `torch._scaled_mm` with block-wise scales on Hopper
+(cuBLAS, fp32 accumulation), and an exact emulation elsewhere (dequantize, fp32 matmul) so CPU runs and CI
+compute the same function.
+
+Triton's interpreter casts fp32 → float8e4nv wrongly (values that round up to a power of two come back halved,
+ties round away from zero), so under TRITON_INTERPRET=1 the kernel stores the scaled fp32 values and torch
+does the final cast; on the GPU the kernel casts itself.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.io.fp8 import BLOCK, FP8, FP8_MAX  # the checkpoint format's constants
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch reference serves
+    triton = None
+
+AMAX_MIN = 1e-4
+INV_MAX = 1 / FP8_MAX  # scale = amax · fp32(1/448): one multiply, the same bits in torch (any device) and Triton
+
+
+def _scale(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    s = amax.float().clamp(min=AMAX_MIN) * INV_MAX
+    return torch.exp2(torch.ceil(torch.log2(s))) if ue8m0 else s
+
+
+def _cast(y: torch.Tensor) -> torch.Tensor:
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _pad_last(x: torch.Tensor, multiple: int = BLOCK) -> torch.Tensor:
+    return F.pad(x, (0, -x.shape[-1] % multiple))
+
+
+def quantize_rows_reference(x: torch.Tensor, ue8m0: bool = False, cast: bool = True):
+    """x (M, K) → q (M, K) fp8, s (M, ceil(K/128)) fp32: 1×128 tiles along the last dim. `cast=False` returns
+    the scaled values before the fp8 cast (what the interpreter test compares)."""
+    M, K = x.shape
+    tiles = _pad_last(x.float()).view(M, -1, BLOCK)
+    s = _scale(tiles.abs().amax(-1), ue8m0)
+    y = (tiles / s.unsqueeze(-1)).flatten(1)[:, :K].clamp(-FP8_MAX, FP8_MAX)
+    return (y.to(FP8) if cast else y), s
+
+
+def quantize_blocks_reference(w: torch.Tensor, ue8m0: bool = False):
+    """w (..., N, K) → q (..., N, K) fp8, s (..., ceil(N/128), ceil(K/128)) fp32: 128×128 blocks."""
+    *lead, N, K = w.shape
+    wp = F.pad(w.float(), (0, -K % BLOCK, 0, -N % BLOCK))
+    blocks = wp.view(*lead, wp.shape[-2] // BLOCK, BLOCK, wp.shape[-1] // BLOCK, BLOCK)
+    s = _scale(blocks.abs().amax((-3, -1)), ue8m0)
+    y = (blocks / s.unsqueeze(-1).unsqueeze(-3)).view_as(wp)[..., :N, :K]
+    return _cast(y), s
+
+
+def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    K = q.shape[-1]
+    return (q.to(dtype) * s.to(dtype).repeat_interleave(BLOCK, -1)[..., :K])
+
+
+def dequantize_blocks(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    N, K = q.shape[-2:]
+    full = s.to(dtype).repeat_interleave(BLOCK, -2)[..., :N, :].repeat_interleave(BLOCK, -1)[..., :K]
+    return q.to(dtype) * full
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or _interpret())
+
+
+def quantize_rows(x: torch.Tensor, ue8m0: bool = False, both: bool = False):
+    """x (M, K) → (q, s) with 1×128 tiles along K; with `both`, also (qt (K, M), st (K, ceil(M/128))): xᵀ
+    quantized in 1×128 tiles along M (the operand of a GEMM that reduces over tokens). On the GPU the scales
+    come M- (K-) contiguous, the layout cuBLAS's block-scaled GEMM reads without a copy."""
+    if not _use_triton(x):
+        q, s = quantize_rows_reference(x, ue8m0)
+        return (q, s, *quantize_rows_reference(x.t(), ue8m0)) if both else (q, s)
+    launch = _quantize_rows_op if torch.compiler.is_compiling() else _quantize_rows_launch  # eager: no op dispatch
+    out = _finish(launch(x.contiguous(), ue8m0, both))
+    return tuple(t.t() if i % 2 else t for i, t in enumerate(out))  # scales were stored transposed
+
+
+def quantize_blocks(w: torch.Tensor, ue8m0: bool = False, transposed: bool = False):
+    """w (..., N, K) → (q, s) with 128×128 blocks; with `transposed`, also qt = qᵀ (..., K, N) contiguous (the
+    weight operand of the Dgrad GEMM; its scales are sᵀ)."""
+    if not _use_triton(w):
+        q, s = quantize_blocks_reference(w, ue8m0)
+        return (q, s, q.transpose(-1, -2).contiguous()) if transposed else (q, s)
+    launch = _quantize_blocks_op if torch.compiler.is_compiling() else _quantize_blocks_launch
+    return _finish(launch(w.contiguous(), ue8m0, transposed))
+
+
+def _finish(out: list[torch.Tensor]) -> tuple:
+    """Under the interpreter the kernels stored fp32 values where fp8 goes (even places): torch casts them."""
+    return tuple(_cast(t) if _interpret() and i % 2 == 0 else t for i, t in enumerate(out))
+
+
+if triton is not None:
+    @triton.jit
+    def _div(a, b, GPU: tl.constexpr):
+        # IEEE division as torch's: on the GPU Triton's fp32 `/` is approximate, so div_rn; the interpreter's `/`
+        # is numpy's (IEEE) while its div_rn is not.
+        if GPU:
+            return tl.math.div_rn(a, b)
+        else:
+            return a / b
+
+    @triton.jit
+    def _scale_of(amax, UE8M0: tl.constexpr):
+        s = tl.maximum(amax, 1e-4) * (1.0 / 448.0)
+        if UE8M0:
+            s = tl.exp2(tl.ceil(tl.log2(s)))
+        return s
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
+                           BM: tl.constexpr, BOTH: tl.constexpr, UE8M0: tl.constexpr, GPU: tl.constexpr):
+        """One program: BM rows × 128 columns of x. Row scales for x, and (BOTH, BM = 128) column scales for xᵀ.
+        Scales are stored transposed: s as (K/128, M), st as (M/128, K)."""
+        pm, pk = tl.program_id(0), tl.program_id(1)
+        rows = pm * BM + tl.arange(0, BM)
+        cols = pk * 128 + tl.arange(0, 128)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        ax = tl.abs(x)
+        s = _scale_of(tl.max(ax, axis=1), UE8M0)
+        y = tl.clamp(_div(x, s[:, None], GPU), -448.0, 448.0)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + pk * M + rows, s, mask=rows < M)
+        if BOTH:
+            st = _scale_of(tl.max(ax, axis=0), UE8M0)
+            yt = tl.clamp(_div(x, st[None, :], GPU), -448.0, 448.0)
+            tl.store(qt_ptr + cols[None, :] * M + rows[:, None], yt.to(qt_ptr.dtype.element_ty), mask=mask)
+            tl.store(st_ptr + pm * K + cols, st, mask=cols < K)
+
+    @triton.jit
+    def _quant_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, nnb, nkb,
+                             TRANS: tl.constexpr, UE8M0: tl.constexpr, GPU: tl.constexpr):
+        """One program: one 128×128 block of matrix e = program_id(2); q, and (TRANS) qᵀ, and its scale."""
+        pn, pk, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        rows = pn * 128 + tl.arange(0, 128)
+        cols = pk * 128 + tl.arange(0, 128)
+        mask = (rows[:, None] < N) & (cols[None, :] < K)
+        base = e * N * K
+        w = tl.load(w_ptr + base + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), UE8M0)
+        y = tl.clamp(_div(w, s, GPU), -448.0, 448.0).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + base + rows[:, None] * K + cols[None, :], y, mask=mask)
+        if TRANS:
+            tl.store(qt_ptr + base + cols[None, :] * N + rows[:, None], y, mask=mask)
+        tl.store(s_ptr + (e * nnb + pn) * nkb + pk, s)
+
+
+def _store_dtype():
+    return torch.float32 if _interpret() else FP8
+
+
+def _quantize_rows_launch(x: torch.Tensor, ue8m0: bool, both: bool) -> list[torch.Tensor]:
+    M, K = x.shape
+    nkb, nmb = -(-K // BLOCK), -(-M // BLOCK)
+    q, s = torch.empty(M, K, dtype=_store_dtype(), device=x.device), torch.empty(nkb, M, device=x.device)
+    qt = torch.empty(K, M, dtype=q.dtype, device=x.device) if both else q
+    st = torch.empty(nmb, K, device=x.device) if both else s
+    BM = 128 if both else 32
+    _quant_rows_kernel[(triton.cdiv(M, BM), nkb)](x, q, s, qt, st, M, K, BM=BM, BOTH=both, UE8M0=ue8m0,
+                                                  GPU=not _interpret(), num_warps=8 if both else 4)
+    return [q, s, qt, st] if both else [q, s]  # scales transposed: (K/128, M), (M/128, K)
+
+
+def _quantize_blocks_launch(w: torch.Tensor, ue8m0: bool, transposed: bool) -> list[torch.Tensor]:
+    *lead, N, K = w.shape
+    E = w.numel() // (N * K) if w.numel() else 0
+    nnb, nkb = -(-N // BLOCK), -(-K // BLOCK)
+    q = torch.empty(w.shape, dtype=_store_dtype(), device=w.device)
+    qt = torch.empty(*lead, K, N, dtype=q.dtype, device=w.device) if transposed else q
+    s = torch.empty(*lead, nnb, nkb, device=w.device)
+    if E:
+        _quant_blocks_kernel[(nnb, nkb, E)](w, q, qt, s, N, K, nnb, nkb, TRANS=transposed, UE8M0=ue8m0,
+                                            GPU=not _interpret(), num_warps=8)
+    return [q, s, qt] if transposed else [q, s]
+
+
+# Opaque ops for torch.compile: Inductor does not trace into the kernels.
+_quantize_rows_op = torch.library.custom_op("dsv3::fp8_quantize_rows", _quantize_rows_launch, mutates_args=())
+_quantize_blocks_op = torch.library.custom_op("dsv3::fp8_quantize_blocks", _quantize_blocks_launch,
+                                              mutates_args=())
+
+
+@_quantize_rows_op.register_fake
+def _(x, ue8m0, both):
+    M, K = x.shape
+    q, s = x.new_empty(M, K, dtype=_store_dtype()), x.new_empty(-(-K // BLOCK), M, dtype=torch.float32)
+    return [q, s, x.new_empty(K, M, dtype=q.dtype), x.new_empty(-(-M // BLOCK), K, dtype=torch.float32)] \
+        if both else [q, s]
+
+
+@_quantize_blocks_op.register_fake
+def _(w, ue8m0, transposed):
+    *lead, N, K = w.shape
+    q, s = w.new_empty(w.shape, dtype=_store_dtype()), w.new_empty(*lead, -(-N // BLOCK), -(-K // BLOCK),
+                                                                    dtype=torch.float32)
+    return [q, s, w.new_empty(*lead, K, N, dtype=q.dtype)] if transposed else [q, s]
+
+
+def _scaled_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
+            and a.shape[1] % BLOCK == 0 and a.shape[0] % 16 == 0 and b.shape[0] % 16 == 0)
+
+
+def fp8_mm(a_q, a_s, b_q, b_s, b_blocks: bool, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """C (M, N) = A (M, K) · B (N, K)ᵀ with fp32 accumulation. a_s (M, K/128): 1×128 tiles. b_s: (N/128, K/128)
+    128×128 blocks when `b_blocks` (a weight), else (N, K/128) 1×128 tiles (an activation)."""
+    if _scaled_mm_ok(a_q, b_q):
+        # cuBLAS block-scaled GEMM: B column-major; 1×128 scales outer-dim-major (M- / N-contiguous).
+        sa = a_s.t().contiguous().t()
+        if b_blocks and b_s.shape[1] % 4 == 0:  # (K/128, N/128), K-contiguous
+            sb = b_s.contiguous().t()
+        else:  # 1×128 tiles, (K/128, N) N-contiguous; cuBLAS takes 128×128 blocks only for K/128 % 4 == 0, so
+            # other weights go as 1×128 tiles (each block's scale repeated over its rows: the same numbers)
+            sb = (b_s.repeat_interleave(BLOCK, 0)[:b_q.shape[0]] if b_blocks else b_s).t().contiguous()
+        return torch._scaled_mm(a_q, b_q.t(), sa, sb, out_dtype=out_dtype)
+    a = dequantize_rows(a_q, a_s)
+    b = dequantize_blocks(b_q, b_s) if b_blocks else dequantize_rows(b_q, b_s)
+    return (a @ b.t()).to(out_dtype)
