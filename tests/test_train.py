@@ -170,3 +170,41 @@ def test_fp8_precision_trains_and_saves_a_plain_checkpoint(tmp_path):
     assert sum(r["loss"] for r in train[-3:]) < 0.8 * sum(r["loss"] for r in train[:3])
     model = dsv3.load_model(summary["checkpoint"])  # no FP8 classes, no extra keys: a plain model
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_bf16_moments_adamw_follows_the_adamw_rule_with_rounded_moments():
+    from dsv3.train.optim import AdamWBF16Moments
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(64, 32, generator=g)
+    grads = [torch.randn(64, 32, generator=g) * (0.1 + i) for i in range(6)]
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.95), 1e-8, 0.1
+    p = torch.nn.Parameter(p0.clone())
+    opt = AdamWBF16Moments([{"params": [p], "weight_decay": wd}], lr=lr, betas=(b1, b2), eps=eps)
+    ref, m, v = p0.double(), torch.zeros(64, 32), torch.zeros(64, 32)
+    for t, grad in enumerate(grads, 1):
+        p.grad = grad.clone()
+        opt.step()
+        m_new = m * b1 + (1 - b1) * grad  # the rule, with the stored moments rounded to bf16 after each step
+        v_new = v * b2 + (1 - b2) * grad * grad
+        ref = ref * (1 - lr * wd) - lr / (1 - b1 ** t) * m_new.double() / (
+            (v_new.double() / (1 - b2 ** t)).sqrt() + eps)
+        m, v = m_new.bfloat16().float(), v_new.bfloat16().float()
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16 and opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+    assert ((p.detach().double() - ref).abs().max() / (ref - p0.double()).abs().max()) < 1e-4
+    q = torch.nn.Parameter(p0.clone())  # and it stays close to torch's AdamW with fp32 moments
+    torch_opt = torch.optim.AdamW([q], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    for grad in grads:
+        q.grad = grad.clone()
+        torch_opt.step()
+    assert ((p - q).abs().max() / (q - p0).abs().max()).item() < 0.02
+
+
+def test_bf16_moments_in_a_training_run(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, steps=12, moments_dtype="bf16"))
+    trainer.run()
+    states = list(trainer.opt.state.values())
+    assert states and all(s["exp_avg"].dtype == torch.bfloat16 for s in states)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert sum(r["loss"] for r in train[-3:]) < 0.8 * sum(r["loss"] for r in train[:3])
+    Trainer(_cfg(tmp_path, steps=14, moments_dtype="bf16", resume=True)).run()  # its state saves and loads

@@ -59,6 +59,7 @@ class TrainConfig:
     fp8_experts: bool = False  # with precision fp8: the routed experts' grouped GEMMs too (slower on H100 so far)
     fp8_min_dim: int = 1024  # linears with a side below this stay bf16 (their FP8 GEMM did not pay)
     fp8_ue8m0: bool = False  # power-of-two scales (UE8M0, as DeepSeek-V3.1)
+    moments_dtype: str = "fp32"  # bf16: AdamW moments stored in bf16 (DeepSeek-V3), 4 bytes/param saved
     compile: bool = False
     activation_checkpointing: bool = False
     threads: int | None = None
@@ -74,7 +75,8 @@ class TrainConfig:
         if mb <= 0 or self.batch_size % mb:
             bad("micro_batch_size", f"must divide batch_size={self.batch_size}")
         for name, allowed in (("schedule", ("cosine", "wsd")), ("balance", ("auto", "bias", "aux", "none")),
-                              ("param_dtype", ("fp32", "bf16")), ("precision", ("bf16", "fp8"))):
+                              ("param_dtype", ("fp32", "bf16")), ("precision", ("bf16", "fp8")),
+                              ("moments_dtype", ("fp32", "bf16"))):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")
         if not 0 <= self.fim_rate <= 1:
@@ -148,6 +150,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                       "(default 1024)")
     a("--fp8-ue8m0", action=argparse.BooleanOptionalAction,
       help="with --precision fp8: scales rounded up to powers of two (UE8M0; default off)")
+    a("--moments-dtype", choices=("fp32", "bf16"),
+      help="AdamW moment storage: bf16 halves the optimizer state (DeepSeek-V3's setting; default fp32)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block (GPU)")
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute blocks in backward")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

@@ -9,15 +9,46 @@ from dsv3.model import Transformer
 from dsv3.train.config import TrainConfig
 
 
-def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Decay matrices (linears, embedding, stacked experts); never norms. Balance biases are buffers, not params.
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": other, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if getattr(cfg, "moments_dtype", "fp32") == "bf16":
+        return AdamWBF16Moments(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=params[0].is_cuda)
+
+
+class AdamWBF16Moments(torch.optim.Optimizer):
+    """AdamW (torch's update rule) whose two moments are stored in bf16, as DeepSeek-V3 trained (§3.3): 4 bytes
+    per parameter instead of 8. Each step reads them into fp32, updates, and rounds them back; the parameter
+    update itself is fp32 on the master weights."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                st["step"] += 1
+                t = st["step"].item()
+                g = p.grad.float()
+                m = st["exp_avg"].float().lerp_(g, 1 - b1)
+                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                st["exp_avg"].copy_(m)
+                st["exp_avg_sq"].copy_(v)
+                p.mul_(1 - lr * wd)
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - b1 ** t))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
