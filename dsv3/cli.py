@@ -33,8 +33,10 @@ def cmd_train(args) -> None:
     from dsv3.train.loop import Trainer
     if args.resume and not args.config:  # continue with the run's own settings unless told otherwise
         args.config = str(Path(args.out or "runs/train") / "run.json")
-    summary = Trainer(from_args(args)).run()
-    print(json.dumps(summary))
+    trainer = Trainer(from_args(args))
+    summary = trainer.run()
+    if trainer.layout.main:
+        print(json.dumps(summary))
 
 
 def cmd_quickstart(args) -> None:

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 from dsv3.io import save_model
+from dsv3.io.hf import build_model
 from dsv3.model import Transformer
+from dsv3.train.parallel import Layout, barrier
 
 FORMAT = "dsv3-train-state/1"
 
@@ -44,34 +47,46 @@ def _rng_state() -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: Transformer, opt, manifest: dict, keep: int,
-                    tokenizer_dir: Path | None) -> Path:
+                    tokenizer_dir: Path | None, layout: Layout = Layout()) -> Path:
+    """Every rank calls it under torchrun (the state is saved sharded); rank 0 writes the rest and renames."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = root / f".tmp-step_{step:07d}-{'dist' if layout.distributed else os.getpid()}"
+    if layout.main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(layout)
     try:
         model_sd, optim_sd = get_state_dict(model, opt)
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process")
             dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, checkpoint_id=str(tmp / "state"))
-        cfg = model.config.to_hf_dict()
-        manifest = {"format": FORMAT, "step": step, "model_config": cfg, "config_hash": config_hash(cfg),
-                    **manifest}
-        (tmp / "trainer.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        extra = {n: tokenizer_dir / n for n in ("tokenizer.json", "tokenizer_config.json")} if tokenizer_dir else {}
-        save_model(model, tmp / "model")
-        for name, src in extra.items():
-            shutil.copyfile(src, tmp / "model" / name)
-        if final.exists():  # re-saving a step (e.g. Ctrl-C right after a scheduled save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if layout.distributed:  # the export needs whole tensors: gather them to rank 0 (on the CPU)
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if layout.main:
+                plain = build_model(model.config, device="cpu", dtype=next(iter(full.values())).dtype)
+                plain.load_state_dict(full)
+                model = plain
+        if layout.main:
+            cfg = model.config.to_hf_dict()
+            manifest = {"format": FORMAT, "step": step, "model_config": cfg, "config_hash": config_hash(cfg),
+                        **manifest}
+            (tmp / "trainer.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            save_model(model, tmp / "model")
+            for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer_dir else ():
+                shutil.copyfile(tokenizer_dir / name, tmp / "model" / name)
+            if final.exists():  # re-saving a step (e.g. Ctrl-C right after a scheduled save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if layout.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if layout.main:
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(layout)
     return final
 
 

@@ -63,6 +63,8 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     threads: int | None = None
+    # parallelism (torchrun): data-parallel shards; -1 = every process
+    dp_shard: int = -1
 
     def __post_init__(self):
         def bad(name, why):
@@ -155,6 +157,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block (GPU)")
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute blocks in backward")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    a("--dp-shard", type=int, help="under torchrun: data-parallel (FSDP2) ranks; -1 (default) = all processes")
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:

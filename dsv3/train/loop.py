@@ -18,12 +18,13 @@ from tqdm import tqdm
 from dsv3.config import ModelConfig, preset
 from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import corpus_fingerprint, read_documents
-from dsv3.data.loader import PackedLoader
+from dsv3.data.loader import Batch, PackedLoader
 from dsv3.data.tokens import build_token_files, is_token_dir, open_token_files, unigram_loss
 from dsv3.info import model_stats
 from dsv3.io import load_model
 from dsv3.model import Transformer
 from dsv3.tokenizer import Tokenizer
+from dsv3.train import parallel
 from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from dsv3.train.config import TrainConfig
 from dsv3.train.fp8 import apply_fp8
@@ -45,25 +46,29 @@ class Trainer:
                              "another --out (nothing was overwritten)")
         if cfg.resume and not existing:
             raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+        self.layout = parallel.init(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                                    else cfg.device)
+        if self.device.type == "cuda" and self.layout.distributed:
+            self.device = torch.device("cuda", self.layout.local_rank)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.autocast = self.device.type == "cuda" if cfg.autocast is None else cfg.autocast
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            (self.run_dir / "run.json").write_text(cfg.to_json())
-        self.tokenizer = self._tokenizer()
-        if len(cfg.data) == 1 and is_token_dir(cfg.data[0]):  # tokenized before: train on those files
-            self.train_tokens, self.val_tokens = open_token_files(cfg.data[0], self.tokenizer)
-        else:
-            self.train_tokens, self.val_tokens = build_token_files(
-                read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
-                corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.seed)
+        if self.layout.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume:
+                (self.run_dir / "run.json").write_text(cfg.to_json())
+        for turn in ("main", "others") if self.layout.distributed else ("main",):  # rank 0 trains and writes the
+            if (turn == "main") == self.layout.main:  # tokenizer and token files, the others then read them
+                self.tokenizer = self._tokenizer()
+                self.train_tokens, self.val_tokens = self._token_files()
+            parallel.barrier(self.layout)
         self.unigram = unigram_loss(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
         self.model = self._model()
+        if self.layout.distributed:
+            parallel.shard(self.model, self.layout, self.device)
         self.opt = build_optimizer(self.model, cfg)
         mb = cfg.micro_batch_size or cfg.batch_size
         self.loader = PackedLoader(self.train_tokens, cfg.seq_len, mb, cfg.seed, self.tokenizer.bos_id)
@@ -74,10 +79,18 @@ class Trainer:
             manifest = load_checkpoint(existing[-1], self.model, self.opt)
             self.loader.load_state_dict(manifest["loader"])
             self.step = manifest["step"]
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.step if cfg.resume else None)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl" if self.layout.main else None,
+                              self.step if cfg.resume else None)
         self.flops_per_token = model_stats(self.model.config, cfg.seq_len)["training_flops_per_token"]
 
     # ---- setup -----------------------------------------------------------------------------------------
+    def _token_files(self):
+        cfg = self.cfg
+        if len(cfg.data) == 1 and is_token_dir(cfg.data[0]):  # tokenized before: train on those files
+            return open_token_files(cfg.data[0], self.tokenizer)
+        return build_token_files(read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
+                                 corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.seed)
+
     def _tokenizer(self) -> Tokenizer:
         out = self.run_dir / "tokenizer"
         if (out / "tokenizer.json").is_file():  # resuming, or a rerun that already trained it
@@ -147,7 +160,7 @@ class Trainer:
         sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         counts = None
         for _ in range(accum):
-            batch = self.loader.next_batch().to(self.device)
+            batch = self._mine(self.loader.next_batch())
             total, main, extra, out = self._forward_loss(batch, lam)
             (total / accum).backward()
             sums["loss"] += main.detach() / accum
@@ -158,8 +171,14 @@ class Trainer:
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # the global norm, over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.layout.distributed:  # loads of the global batch; losses averaged over ranks for the log
+            counts = counts if counts is None else parallel.all_sum(counts, self.layout)
+            sums = {k: parallel.all_sum(torch.as_tensor(v, device=self.device, dtype=torch.float32),
+                                        self.layout) / self.layout.dp for k, v in sums.items()}
         if counts is not None and self.balance == "bias":
             update_balance_bias(self.model, counts, cfg.bias_update_rate)
         self.step += 1
@@ -176,29 +195,44 @@ class Trainer:
         self.model.eval()
         losses = []
         for batch in self.val_loader.eval_batches(self.cfg.eval_batches):
-            batch = batch.to(self.device)
+            if len(batch.input_ids) % self.layout.dp:  # a short last batch: keep what every rank can share
+                keep = len(batch.input_ids) // self.layout.dp * self.layout.dp
+                if not keep:
+                    break
+                batch = Batch(batch.input_ids[:keep], batch.labels[:keep], batch.doc_ids[:keep])
+            batch = self._mine(batch)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None)
-            losses.append(next_token_loss(out.logits, batch.labels).item())
+            losses.append(next_token_loss(out.logits, batch.labels).float())
         self.model.train()
-        val = sum(losses) / len(losses)
+        val = (parallel.all_sum(torch.stack(losses).mean(), self.layout) / self.layout.dp).item()
         return {"step": self.step, "val_loss": val, "val_ppl": math.exp(val), "unigram_loss": self.unigram}
+
+    def _mine(self, batch: Batch) -> Batch:
+        """This rank's slice of a global micro-batch, on its device."""
+        if self.layout.distributed:
+            part = self.layout.slice(len(batch.input_ids))
+            batch = Batch(batch.input_ids[part], batch.labels[part], batch.doc_ids[part])
+        return batch.to(self.device)
 
     def save(self, last_eval: dict | None = None) -> Path:
         manifest = {"train_config": dataclasses.asdict(self.cfg), "loader": self.loader.state_dict(),
                     "eval": last_eval}
         return save_checkpoint(self.run_dir, self.step, self.model, self.opt, manifest, self.cfg.keep,
-                               self.run_dir / "tokenizer")
+                               self.run_dir / "tokenizer", self.layout)
 
     # ---- the run -----------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.seq_len
         n_params = sum(p.numel() for p in self.model.parameters())
-        print(f"{cfg.preset if not cfg.init_from else cfg.init_from}: {n_params / 1e6:.1f}M parameters, "
-              f"{len(self.train_tokens):,} training tokens, batch {cfg.batch_size} x {cfg.seq_len} "
-              f"(accumulation {cfg.grad_accum}), {cfg.steps} steps on {self.device}")
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        main = self.layout.main
+        if main:
+            ranks = f" x {self.layout.world} processes (data parallel)" if self.layout.distributed else ""
+            print(f"{cfg.preset if not cfg.init_from else cfg.init_from}: {n_params / 1e6:.1f}M parameters, "
+                  f"{len(self.train_tokens):,} training tokens, batch {cfg.batch_size} x {cfg.seq_len} "
+                  f"(accumulation {cfg.grad_accum}), {cfg.steps} steps on {self.device}{ranks}")
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not main)
         last_eval, ckpt = None, None
         try:
             while self.step < cfg.steps:
@@ -217,20 +251,22 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     last_eval = self.evaluate()
                     self.log.write(last_eval)
-                    bar.write(f"step {self.step}: val loss {last_eval['val_loss']:.4f} "
-                              f"(ppl {last_eval['val_ppl']:.1f}; unigram {self.unigram:.4f})")
+                    if main:
+                        bar.write(f"step {self.step}: val loss {last_eval['val_loss']:.4f} "
+                                  f"(ppl {last_eval['val_ppl']:.1f}; unigram {self.unigram:.4f})")
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     ckpt = self.save(last_eval)
         except KeyboardInterrupt:
             bar.close()
-            print(f"\ninterrupted: saving step {self.step} ...")
+            if main:
+                print(f"\ninterrupted: saving step {self.step} ...")
             if self.step:
                 print(f"saved {self.save(last_eval)}; continue with --resume --out {self.run_dir}")
             raise SystemExit(130)
         finally:
             bar.close()
             self.log.close()
-        plot = plot_run(self.run_dir)
+        plot = plot_run(self.run_dir) if main else None
         return {"step": self.step, "val_loss": last_eval and last_eval["val_loss"], "unigram_loss": self.unigram,
                 "checkpoint": str(ckpt / "model") if ckpt else None, "plot": str(plot)}
 

@@ -10,7 +10,10 @@ class MetricsLog:
     """Append-only JSONL, flushed per line. On resume, lines past the checkpoint's step are dropped first so the
     resumed run's lines replace them instead of duplicating them."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path | None, resume_step: int | None = None):
+        self.file = None  # path None: a log that writes nothing (ranks other than 0)
+        if path is None:
+            return
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
             keep = [line for line in self.path.read_text().splitlines()
@@ -21,11 +24,13 @@ class MetricsLog:
         self.file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
