@@ -1,6 +1,6 @@
-"""Data-parallel training (FSDP2, gloo on the CPU) against one process on the same global batch: `torchrun
---nproc-per-node 2 -m dsv3 train` must give the same losses, gradient norms, balance biases and weights, and its
-sharded checkpoint must resume in one process.
+"""Data- and expert-parallel training (FSDP2 and all-to-all, gloo on the CPU) against one process on the same
+global batch: `torchrun --nproc-per-node 2 -m dsv3 train [--ep 2]` must give the same losses, gradient norms,
+balance biases and weights, and its sharded checkpoint must resume in one process.
 
 The learning rate is small so that the comparison measures the gradients: the two runs sum the same terms in a
 different order, and at lr 3e-3 on this tiny MoE the 1e-6 differences grow step by step (Adam's early updates
@@ -36,23 +36,26 @@ def runs(tmp_path_factory):
               "--micro-batch-size", "4", "--warmup", "2", "--lr", "1e-5", "--eval-every", "4", "--eval-batches",
               "2", "--save-every", "4", "--val-fraction", "0.1", "--threads", "1", "--device", "cpu"]
 
-    def train(out, nproc, *extra):
+    def train(out, nproc, *extra):  # nproc 0: plain `dsv3 train`; else torchrun with nproc processes
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                     "--master-port", str(_free_port()), "-m", "dsv3"] if nproc > 1 else [sys.executable, "-m", "dsv3"])
+                     "--master-port", str(_free_port()), "-m", "dsv3"] if nproc else [sys.executable, "-m", "dsv3"])
         r = subprocess.run([*launcher, *common, "--out", str(root / out), *extra], capture_output=True, text=True,
                            timeout=600)
         return r
 
-    one = train("one", 1, "--steps", "6")
+    one = train("one", 0, "--steps", "6")
     assert one.returncode == 0, one.stderr[-3000:]
     tok = ["--tokenizer", str(root / "one" / "tokenizer")]
     two = train("two", 2, "--steps", "6", *tok)
     assert two.returncode == 0, two.stderr[-3000:]
-    # The sharded step-4 checkpoint of the 2-rank run, continued by 1 process.
-    shutil.copytree(root / "two", root / "resumed")
-    shutil.rmtree(root / "resumed" / "checkpoints" / "step_0000006")
-    resumed = train("resumed", 1, "--steps", "6", "--resume", *tok)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ep = train("ep", 2, "--steps", "6", "--ep", "2", *tok)
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    # The sharded step-4 checkpoints of the 2-rank runs (data, and expert parallel), continued by 1 process.
+    for run in ("two", "ep"):
+        shutil.copytree(root / run, root / f"{run}-resumed")
+        shutil.rmtree(root / f"{run}-resumed" / "checkpoints" / "step_0000006")
+        resumed = train(f"{run}-resumed", 1, "--steps", "6", "--resume", "--ep", "1", *tok)  # FSDP on 1 rank
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
     bad = train("bad", 2, "--steps", "1", "--dp-shard", "3", *tok)
     return root, bad
 
@@ -85,10 +88,16 @@ def test_two_ranks_train_like_one_process(runs):
     _same_run(root / "two", root / "one", rel=1e-5)
 
 
-def test_sharded_checkpoint_resumes_in_one_process(runs):
+def test_expert_parallel_ranks_train_like_one_process(runs):
     root, _ = runs
-    assert sorted(p.name for p in (root / "two" / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000006"]
-    _same_run(root / "resumed", root / "one", rel=1e-5)
+    _same_run(root / "ep", root / "one", rel=1e-5)
+
+
+@pytest.mark.parametrize("run", ["two", "ep"])
+def test_sharded_checkpoint_resumes_in_one_process(runs, run):
+    root, _ = runs
+    assert sorted(p.name for p in (root / run / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000006"]
+    _same_run(root / f"{run}-resumed", root / "one", rel=1e-5)
 
 
 def test_bad_layout_is_one_clear_error(runs):
@@ -96,3 +105,67 @@ def test_bad_layout_is_one_clear_error(runs):
     assert bad.returncode != 0
     assert "--dp-shard 3 does not fit the world size 2" in bad.stderr
     assert bad.stderr.count("does not fit") == 1  # rank 0 says it; the other exits quietly
+
+
+EP_RANKS = 2
+
+
+def _ep_worker(rank: int, init_file: str):
+    import torch.distributed as dist
+
+    from dsv3.config import preset
+    from dsv3.model.moe import Experts
+    from dsv3.train.parallel import shard_experts
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=EP_RANKS)
+    torch.set_default_dtype(torch.float64)
+    cfg = preset("tiny").replace(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=3)
+    g = torch.Generator().manual_seed(0)
+    ref = Experts(cfg)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.05, generator=g)
+    N, D = 48, cfg.hidden_size
+    x = torch.randn(EP_RANKS * N, D, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(EP_RANKS * N)])
+    idx[:20] = torch.tensor([0, 1, 2])  # rank 0's early tokens crowd rank 0's experts; expert 7 gets fewer
+    w = torch.rand(EP_RANKS * N, 3, generator=g)
+    proj = torch.randn(D, generator=g)
+
+    def run(module, xs, ws, ids):
+        xs, ws = xs.clone().requires_grad_(), ws.clone().requires_grad_()
+        y, counts = module(xs, ws, ids)
+        (y * proj).sum().backward()
+        return y, xs.grad, ws.grad, counts
+
+    y_ref, dx_ref, dw_ref, counts_ref = run(ref, x, w, idx)  # one process, the global batch
+    ep = Experts(cfg)
+    ep.load_state_dict(ref.state_dict())
+    assert shard_experts(torch.nn.ModuleList([ep]), EP_RANKS, rank) == 1
+    mine = slice(rank * N, (rank + 1) * N)
+    y, dx, dw, counts = run(ep, x[mine], w[mine], idx[mine])
+    experts = slice(rank * 4, (rank + 1) * 4)
+    torch.testing.assert_close(y, y_ref[mine], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, dx_ref[mine], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw, dw_ref[mine], rtol=1e-12, atol=1e-12)
+    # This rank's experts saw every rank's rows: their gradients are the whole batch's.
+    torch.testing.assert_close(ep.gate_up_proj.grad, ref.gate_up_proj.grad[experts], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ep.down_proj.grad, ref.down_proj.grad[experts], rtol=1e-12, atol=1e-12)
+    dist.all_reduce(counts)
+    assert torch.equal(counts, counts_ref)
+    dist.destroy_process_group()
+
+
+def test_expert_parallel_dispatch_and_combine_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_ep_worker, args=(str(tmp_path / "init"),), nprocs=EP_RANKS, join=True)
+
+
+def test_layout_errors_name_what_is_wrong():
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.parallel import layout_errors
+    assert layout_errors(TrainConfig(batch_size=8), 4, 8) == []
+    assert layout_errors(TrainConfig(batch_size=8, ep=4), 4, 8) == []
+    assert "--ep 3 does not divide the world size 4" in layout_errors(TrainConfig(batch_size=8, ep=3), 4, 8)[0]
+    assert "n_routed_experts=6" in layout_errors(TrainConfig(batch_size=8, ep=4), 4, 6)[0]
+    assert "multiples of dp-shard=4" in layout_errors(TrainConfig(batch_size=6), 4, 8)[0]
+    assert "--fp8-experts" in layout_errors(TrainConfig(batch_size=8, ep=2, precision="fp8", fp8_experts=True),
+                                            2, 8)[0]

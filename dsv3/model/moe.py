@@ -108,16 +108,22 @@ class Experts(nn.Module):
                                                                                       torch.ones_like(flat))
             order = flat.argsort(stable=True)
         # `order`: rows sorted by expert, stably (the same permutation either way: deterministic)
-        offs = counts_E.cumsum(0).to(torch.int32)
-        x_sorted = x_ND[order // K]  # (N·K, D)
-        gate, up = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        # The routing weight scales the activation before the (linear) down projection: same result, and it
-        # fuses into the SwiGLU elementwise instead of a pass over the (N·K, D) output.
-        h = F.silu(gate) * up * w_NK.flatten()[order].unsqueeze(-1).to(up.dtype)
-        y_sorted = grouped_mm(h, self.down_proj.transpose(1, 2), offs)  # (N·K, D)
+        y_sorted = self.ffn(x_ND[order // K], w_NK.flatten()[order], counts_E.cumsum(0).to(torch.int32))
         y_NKD = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(N, K, -1)
         # Sum over each token's K experts with fp32 accumulation; a fixed order keeps it deterministic.
         return y_NKD.sum(1, dtype=torch.float32).to(x_ND.dtype), counts_E
+
+
+    def ffn(self, x_sorted, w_sorted, offs, gate_up_proj=None, down_proj=None):
+        """SwiGLU of each expert over its rows (sorted by expert, group ends `offs`), scaled by routing weights;
+        of these experts' weights unless others are given (an expert-parallel rank's share)."""
+        gate_up_proj = self.gate_up_proj if gate_up_proj is None else gate_up_proj
+        down_proj = self.down_proj if down_proj is None else down_proj
+        gate, up = grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        # The routing weight scales the activation before the (linear) down projection: same result, and it
+        # fuses into the SwiGLU elementwise instead of a pass over the (N·K, D) output.
+        h = F.silu(gate) * up * w_sorted.unsqueeze(-1).to(up.dtype)
+        return grouped_mm(h, down_proj.transpose(1, 2), offs)  # (rows, D)
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:

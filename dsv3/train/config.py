@@ -65,6 +65,7 @@ class TrainConfig:
     threads: int | None = None
     # parallelism (torchrun): data-parallel shards; -1 = every process
     dp_shard: int = -1
+    ep: int = 1  # expert-parallel group size: routed experts split over this many consecutive ranks
 
     def __post_init__(self):
         def bad(name, why):
@@ -158,6 +159,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute blocks in backward")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     a("--dp-shard", type=int, help="under torchrun: data-parallel (FSDP2) ranks; -1 (default) = all processes")
+    a("--ep", type=int, help="under torchrun: expert parallelism, routed experts split over groups of this many "
+                             "ranks with all-to-all dispatch (default 1)")
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:

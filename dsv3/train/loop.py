@@ -46,7 +46,8 @@ class Trainer:
                              "another --out (nothing was overwritten)")
         if cfg.resume and not existing:
             raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        self.layout = parallel.init(cfg)
+        self.arch = ModelConfig.from_json(cfg.init_from) if cfg.init_from else preset(cfg.preset)
+        self.layout = parallel.init(cfg, self.arch.n_routed_experts)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
@@ -110,7 +111,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.param_dtype == "bf16" and self.device.type == "cuda" else torch.float32
-        arch = ModelConfig.from_json(cfg.init_from) if cfg.init_from else preset(cfg.preset)
+        arch = self.arch
         biased = arch.topk_method == "noaux_tc"  # the router adds e_score_correction_bias to select experts
         self.balance = cfg.balance if cfg.balance != "auto" else "bias" if biased else "aux"
         if self.balance == "bias" and not biased:  # checked before any weights are allocated
@@ -170,7 +171,7 @@ class Trainer:
                 sums["balance_loss"] += out.balance_loss / accum
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # the global norm, over every rank's shards
             grad_norm = grad_norm.full_tensor()
         self.opt.step()

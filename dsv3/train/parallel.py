@@ -1,6 +1,8 @@
 """Training on several processes with torch.distributed: `torchrun --nproc-per-node N -m dsv3 train ...`.
 
-Today: data parallelism with FSDP2 (`fully_shard` per block, then the root), NCCL on GPUs and gloo on CPUs.
+Data parallelism with FSDP2 (`fully_shard` per block, then the root) and expert parallelism (`--ep`: routed
+experts split over groups of consecutive ranks, all-to-all dispatch and combine; `EPExperts`), NCCL on GPUs and
+gloo on CPUs. Pipeline parallelism is not there yet.
 `--batch-size` is the global batch: every rank reads the same global micro-batch from the loader (the order a
 single process would see) and trains on its 1/dp slice, so one command trains on the same data whatever the
 layout, and the run equals the single-process one up to float rounding (tests/test_parallel.py). The model code
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dnn
+
+from dsv3.model.moe import Experts
 
 
 @dataclass(frozen=True)
@@ -25,14 +30,12 @@ class Layout:
     world: int = 1
     local_rank: int = 0
     dp: int = 1
+    ep: int = 1
+    distributed: bool = False  # launched by torchrun: the parallel code path, even with one process
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
 
     def slice(self, n: int) -> slice:
         """This rank's part of n sequences of a global micro-batch."""
@@ -40,29 +43,35 @@ class Layout:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
-def layout_errors(cfg, world: int) -> list[str]:
+def layout_errors(cfg, world: int, n_experts: int) -> list[str]:
     dp = world if cfg.dp_shard == -1 else cfg.dp_shard
     errors = []
     if dp < 1 or world % dp or dp != world:
-        errors.append(f"--dp-shard {cfg.dp_shard} does not fit the world size {world} (data parallelism is the "
-                      "only layout so far: dp-shard must be -1 or the number of processes)")
+        errors.append(f"--dp-shard {cfg.dp_shard} does not fit the world size {world} (every process is a data-"
+                      "parallel rank: dp-shard must be -1 or the number of processes)")
     elif cfg.batch_size % dp or (cfg.micro_batch_size or cfg.batch_size) % dp:
         errors.append(f"--batch-size {cfg.batch_size} and --micro-batch-size {cfg.micro_batch_size} (global) must "
                       f"be multiples of dp-shard={dp}")
+    if cfg.ep < 1 or world % cfg.ep:
+        errors.append(f"--ep {cfg.ep} does not divide the world size {world}")
+    elif n_experts % cfg.ep:
+        errors.append(f"--ep {cfg.ep} does not divide the model's n_routed_experts={n_experts}")
+    if cfg.ep > 1 and cfg.precision == "fp8" and cfg.fp8_experts:
+        errors.append("--fp8-experts does not combine with --ep yet (FP8 linears do)")
     return errors
 
 
-def init(cfg) -> Layout:
+def init(cfg, n_experts: int) -> Layout:
     """Read torchrun's environment, check the layout (one clear error on rank 0 before any work), join the
     process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    errors = layout_errors(cfg, world)
+    errors = layout_errors(cfg, world, n_experts)
     if errors:
         if rank:
             sys.exit(1)
         raise ValueError("; ".join(errors))
-    if world == 1:
+    if "RANK" not in os.environ:  # a plain `dsv3 train`
         return Layout()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -70,20 +79,52 @@ def init(cfg) -> Layout:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Layout(rank=rank, world=world, local_rank=local, dp=world)
+    return Layout(rank=rank, world=world, local_rank=local, dp=world, ep=cfg.ep, distributed=True)
 
 
 def shard(model: torch.nn.Module, layout: Layout, device: torch.device) -> torch.nn.Module:
-    """FSDP2: each decoder block (and MTP module) its own unit, then the root (embedding, norm, head)."""
+    """Expert parallelism first (routed experts split over groups of `ep` consecutive ranks), then FSDP2: the
+    experts over the ranks that hold the same experts, each decoder block (and MTP module) over all ranks, then
+    the root (embedding, norm, head)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
     mesh = init_device_mesh(device.type, (layout.dp,), mesh_dim_names=("dp_shard",))
+    if layout.ep > 1:
+        mesh2 = init_device_mesh(device.type, (layout.world // layout.ep, layout.ep),
+                                 mesh_dim_names=("dp_replicate", "ep"))
+        for m in model.modules():
+            if type(m) is Experts:
+                for name in ("gate_up_proj", "down_proj"):  # DTensors over the EP ranks: checkpoints see all E
+                    full = getattr(m, name).detach()
+                    setattr(m, name, torch.nn.Parameter(distribute_tensor(full, mesh2["ep"], [Shard(0)])))
+                m.__class__, m.ep, m.group = EPExperts, layout.ep, mesh2["ep"].get_group()
+                fully_shard(m, mesh=mesh2["dp_replicate"])
+                # Each rank's loss is the mean over its own tokens, and an expert's gradient sums the rows of
+                # every rank of its EP group: divide by the world size, as one process over the whole batch.
+                m.set_gradient_divide_factor(float(layout.world))
     for layer in model.mtp:  # the root calls an MTP module's final norm outside the module's forward
         fully_shard(layer.shared_head.norm, mesh=mesh)
     for block in (*model.layers, *model.mtp):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """The global gradient norm, clipped to max_norm. Sharded gradients live on two meshes under expert
+    parallelism (the experts' and everyone's), which torch's clip cannot stack: norm per mesh, then combine."""
+    by_mesh = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if len(by_mesh) < 2:
+        return torch.nn.utils.clip_grad_norm_([p for group in by_mesh.values() for p in group], max_norm)
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in by_mesh.values()]
+    total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm()
+    for group in by_mesh.values():  # one coefficient for all, applied mesh by mesh
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def all_sum(t: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -95,3 +136,57 @@ def all_sum(t: torch.Tensor, layout: Layout) -> torch.Tensor:
 def barrier(layout: Layout) -> None:
     if layout.distributed:
         dist.barrier()
+
+
+class EPExperts(Experts):
+    """Routed experts sharded over an expert-parallel group of `ep` ranks: this rank holds experts
+    [r·E/ep, (r+1)·E/ep). Dispatch: each rank sorts its (token, expert) rows by expert, exchanges the per-expert
+    counts (all_to_all), then the rows with their routing weight as one extra column (all_to_all_single, split by
+    destination rank); the receiver regroups them by local expert and runs the same SwiGLU as one process would.
+    Combine: the results go back the same way and are summed per token in a fixed order. Both exchanges are
+    differentiable, so backward sends the gradients back along the same routes."""
+
+    group = None
+    ep = 1
+
+    def forward(self, x_ND, w_NK, idx_NK):
+        N, K = idx_NK.shape
+        E_local = self._local(self.gate_up_proj).shape[0]
+        E = E_local * self.ep
+        flat = idx_NK.flatten()
+        counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        order = flat.argsort(stable=True)
+        rows = torch.cat([x_ND[order // K], w_NK.flatten()[order].unsqueeze(-1).to(x_ND.dtype)], dim=-1)
+        recv_SE = torch.empty_like(counts_E)  # [s·E_local + j]: rows source rank s has for my local expert j
+        dist.all_to_all_single(recv_SE, counts_E, group=self.group)
+        recv_SE = recv_SE.view(self.ep, E_local)
+        send, recv = counts_E.view(self.ep, E_local).sum(1).tolist(), recv_SE.sum(1).tolist()  # host sync
+        got = dnn.all_to_all_single(rows.new_empty(sum(recv), rows.shape[-1]), rows, recv, send, group=self.group)
+        local = torch.arange(E_local, device=flat.device).repeat(self.ep).repeat_interleave(recv_SE.flatten())
+        perm = local.argsort(stable=True)  # received rows come grouped by source: regroup them by expert
+        y = self.ffn(got[perm, :-1], got[perm, -1], recv_SE.sum(0).cumsum(0).to(torch.int32),
+                     self._local(self.gate_up_proj), self._local(self.down_proj))
+        y_got = y.new_empty(y.shape).index_copy(0, perm, y)
+        back = dnn.all_to_all_single(y.new_empty(len(order), y.shape[-1]), y_got, send, recv, group=self.group)
+        y_NKD = back.new_empty(back.shape).index_copy(0, order, back).view(N, K, -1)
+        return y_NKD.sum(1, dtype=torch.float32).to(x_ND.dtype), counts_E
+
+    @staticmethod
+    def _local(p):  # this rank's experts: a DTensor's local shard under torchrun, a plain slice in tests
+        return p.to_local() if hasattr(p, "to_local") else p
+
+
+def shard_experts(model: torch.nn.Module, ep: int, ep_rank: int, group=None) -> int:
+    """Keep this rank's E/ep experts of every routed-expert module and route through EPExperts. -> modules."""
+    n = 0
+    for m in model.modules():
+        if type(m) is Experts:
+            E = m.gate_up_proj.shape[0]
+            if E % ep:
+                raise ValueError(f"n_routed_experts={E} is not divisible by --ep {ep}")
+            part = slice(ep_rank * E // ep, (ep_rank + 1) * E // ep)
+            m.gate_up_proj = torch.nn.Parameter(m.gate_up_proj.detach()[part].clone())
+            m.down_proj = torch.nn.Parameter(m.down_proj.detach()[part].clone())
+            m.__class__, m.ep, m.group = EPExperts, ep, group
+            n += 1
+    return n
