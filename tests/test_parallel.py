@@ -169,3 +169,73 @@ def test_layout_errors_name_what_is_wrong():
     assert "multiples of dp-shard=4" in layout_errors(TrainConfig(batch_size=6), 4, 8)[0]
     assert "--fp8-experts" in layout_errors(TrainConfig(batch_size=8, ep=2, precision="fp8", fp8_experts=True),
                                             2, 8)[0]
+
+
+def _pp_worker(rank: int, init_file: str, schedule: str):
+    import torch.distributed as dist
+
+    from dsv3.config import preset
+    from dsv3.model import Transformer
+    from dsv3.train.objective import next_token_loss, set_balance_loss
+    from dsv3.train.pipeline import build_schedule
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(num_nextn_predict_layers=0)
+    model = Transformer(cfg)
+    model.init_weights(std=0.02)
+    ids = torch.randint(cfg.vocab_size, (8, 33), generator=torch.Generator().manual_seed(1))
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    # One process over the whole batch: the reference loss, gradients and expert loads.
+    set_balance_loss(model, 1e-2)
+    out = model(inputs)
+    ref_loss = next_token_loss(out.logits, labels)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ref_counts = out.expert_counts
+    model.zero_grad()
+    # The same model cut into stages; 4 micro-batches of 2 sequences.
+    sched, stages = build_schedule(model, rank, 2, 4, next_token_loss, schedule, torch.device("cpu"))
+    holds = {n for m in stages for n, _ in m.named_parameters()}
+    first, last = rank == 0, rank == 1 if schedule == "1f1b" else rank == 0
+    losses = []
+    sched.step(*([inputs] if first else []), **({"target": labels, "losses": losses} if last else {}))
+    if last:
+        assert torch.stack(losses).mean().item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    names = dict(model.named_parameters())
+    for m in stages:
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
+        # layer-wise loads summed over the micro-batches = the loads of the whole batch
+        moe_layers = [int(i) for i, layer in m.layers.items() if hasattr(layer.mlp, "gate")]
+        got = m.take_loads(4)
+        for row, i in enumerate(moe_layers):
+            assert torch.equal(got[row], ref_counts[i - cfg.first_k_dense_replace]), i
+    assert holds and all(n in names for n in holds)
+    sizes = [torch.tensor(len(holds))]
+    dist.all_reduce(sizes[0])
+    assert sizes[0].item() == len(names)  # every parameter lives on exactly one rank
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_pipeline_schedules_match_one_process(tmp_path, schedule):
+    import torch.multiprocessing as mp
+    mp.spawn(_pp_worker, args=(str(tmp_path / "init"), schedule), nprocs=2, join=True)
+
+
+def test_pipeline_stage_bounds_and_errors():
+    from dsv3.config import preset
+    from dsv3.model import Transformer
+    from dsv3.train.pipeline import build_schedule, stage_bounds
+    assert stage_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert stage_bounds(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(ValueError, match="3 layers cannot fill 4 pipeline stages"):
+        stage_bounds(3, 4)
+    model = Transformer(preset("tiny"))
+    with pytest.raises(ValueError, match="does not carry MTP"):
+        build_schedule(model, 0, 2, 4, None, "1f1b", torch.device("cpu"))
+    model = Transformer(preset("tiny").replace(num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="2 micro-batches for 4 stages"):
+        build_schedule(model, 0, 2, 2, None, "dualpipev", torch.device("cpu"))
+    with pytest.raises(ValueError, match="expected 1f1b or dualpipev"):
+        build_schedule(model, 0, 2, 4, None, "gpipe", torch.device("cpu"))

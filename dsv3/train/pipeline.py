@@ -1,0 +1,84 @@
+"""Pipeline parallelism through torch.distributed.pipelining: contiguous layer ranges as stages, 1F1B or
+DualPipeV (DeepSeek-V3's bidirectional schedule; two stages per rank in a V: rank r holds stages r and
+2·pp − 1 − r, so the first and the last stage both sit on rank 0).
+
+A stage is a `StageModule` over the built model's own modules: the embedding on the first stage, layers
+[lo, hi), the final norm and head on the last. It keeps the model's parameter names (`layers.{i}.…`), so a
+stage's state dict is a slice of the model's. The sequence-wise balance loss reaches backward through each
+layer's own autograd (MoE attaches it to the layer's output), not through the stage outputs, and each stage
+records its layers' expert loads for the bias update. Not yet here: MTP (it needs the input ids and the
+embedding on the last stage) and packed-document masks across stages.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3.model import rope
+
+
+class StageModule(nn.Module):
+    def __init__(self, model: nn.Module, lo: int, hi: int, first: bool, last: bool):
+        super().__init__()
+        self.embed_tokens = model.embed_tokens if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(lo, hi)})
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self.register_buffer("rope_inv_freq", model.rope_inv_freq, persistent=False)
+        self.rope_factor = model.rope_factor
+        self.counts: list[torch.Tensor] = []  # expert loads of this stage's MoE layers, per micro-batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        B, T = h.shape[:2]
+        positions = torch.arange(T, device=h.device).expand(B, T)
+        cos, sin = rope.cos_sin(positions, self.rope_inv_freq, self.rope_factor)
+        for layer in self.layers.values():
+            h, route = layer(h, cos, sin, None, None)
+            if route is not None and torch.is_grad_enabled():  # not the schedule's shape-inference pass
+                self.counts.append(route[0])
+        return self.lm_head(self.norm(h)) if self.lm_head is not None else h
+
+    def take_loads(self, n_microbatches: int) -> torch.Tensor | None:
+        """(MoE layers of this stage, E) loads summed over the last step's micro-batches; clears the record. The
+        schedule's first step also runs a shape-inference forward, which the count leaves out."""
+        per = sum(1 for layer in self.layers.values() if hasattr(layer.mlp, "gate"))
+        if not per:
+            return None
+        loads = torch.stack(self.counts[-n_microbatches * per:]).view(n_microbatches, per, -1).sum(0)
+        self.counts.clear()
+        return loads
+
+
+def stage_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
+    """Contiguous, as even as possible (earlier stages get the extra layer: the last one carries the head)."""
+    if n_layers < n_stages:
+        raise ValueError(f"{n_layers} layers cannot fill {n_stages} pipeline stages")
+    base, extra = divmod(n_layers, n_stages)
+    bounds, lo = [], 0
+    for s in range(n_stages):
+        hi = lo + base + (s < extra)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def build_schedule(model: nn.Module, pp_rank: int, pp: int, n_microbatches: int, loss_fn, schedule: str,
+                   device: torch.device, group=None):
+    """-> (schedule, this rank's StageModules). Inputs go in on the rank holding stage 0, targets on the rank
+    holding the last stage (rank pp − 1 for 1F1B, rank 0 for DualPipeV)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+    if schedule not in ("1f1b", "dualpipev"):
+        raise ValueError(f"--pp-schedule {schedule!r}: expected 1f1b or dualpipev")
+    if model.config.num_nextn_predict_layers:
+        raise ValueError("pipeline parallelism does not carry MTP yet: train with --no-mtp")
+    n_stages = pp * (2 if schedule == "dualpipev" else 1)
+    if n_microbatches < n_stages:
+        raise ValueError(f"{n_microbatches} micro-batches for {n_stages} stages: {schedule} needs at least as many")
+    bounds = stage_bounds(len(model.layers), n_stages)
+    ids = [pp_rank] if schedule == "1f1b" else [pp_rank, n_stages - 1 - pp_rank]
+    modules = [StageModule(model, *bounds[s], s == 0, s == n_stages - 1) for s in ids]
+    stages = [PipelineStage(m, s, n_stages, device, group=group) for m, s in zip(modules, ids)]
+    if schedule == "1f1b":
+        return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn), modules
+    return ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn), modules
