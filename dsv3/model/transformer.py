@@ -136,7 +136,7 @@ class Transformer(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         """MoE modules in forward order (main layers, then MTP): the rows of ModelOutput.expert_counts."""
-        return [b.mlp for b in (*self.layers, *self.mtp) if isinstance(b.mlp, MoE)]
+        return [b.mlp for b in (*self.layers, *self.mtp) if isinstance(getattr(b, "mlp", None), MoE)]
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

@@ -63,7 +63,13 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, opt, manifest:
             warnings.filterwarnings("ignore", message=".*single process")
             dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, checkpoint_id=str(tmp / "state"))
         if layout.distributed:  # the export needs whole tensors: gather them to rank 0 (on the CPU)
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if layout.pp > 1:  # disjoint stages: every rank's own part
+                parts = [None] * layout.world
+                torch.distributed.gather_object({k: v.cpu() for k, v in model.state_dict().items()},
+                                                parts if layout.main else None, dst=0)
+                full = {k: v for part in parts for k, v in part.items()} if layout.main else {}
+            else:
+                full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if layout.main:
                 plain = build_model(model.config, device="cpu", dtype=next(iter(full.values())).dtype)
                 plain.load_state_dict(full)

@@ -66,6 +66,9 @@ class TrainConfig:
     # parallelism (torchrun): data-parallel shards; -1 = every process
     dp_shard: int = -1
     ep: int = 1  # expert-parallel group size: routed experts split over this many consecutive ranks
+    pp: int = 1  # pipeline stages' ranks (pure pipeline for now: world size = pp)
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0  # per micro-batch; 0: as many as stages
 
     def __post_init__(self):
         def bad(name, why):
@@ -159,6 +162,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute blocks in backward")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     a("--dp-shard", type=int, help="under torchrun: data-parallel (FSDP2) ranks; -1 (default) = all processes")
+    a("--pp", type=int, help="under torchrun: pipeline parallelism over this many ranks (layer ranges as stages; "
+                             "world size = pp for now, MTP off)")
+    a("--pp-schedule", choices=("1f1b", "dualpipev"), help="pipeline schedule (default 1f1b; dualpipev: DeepSeek-V3's "
+                                                          "bidirectional schedule, two stages per rank)")
+    a("--pp-microbatches", type=int, help="pipeline micro-batches per micro-batch (default: the number of stages)")
     a("--ep", type=int, help="under torchrun: expert parallelism, routed experts split over groups of this many "
                              "ranks with all-to-all dispatch (default 1)")
 

@@ -32,6 +32,7 @@ from dsv3.train.metrics import MetricsLog, plot_run
 from dsv3.train.objective import (max_violation, mtp_loss, next_token_loss, set_balance_loss,
                                   update_balance_bias)
 from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
+from dsv3.train.pipeline import build_schedule, forward_only
 
 H100_BF16_FLOPS = 989e12
 
@@ -47,7 +48,7 @@ class Trainer:
         if cfg.resume and not existing:
             raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
         self.arch = ModelConfig.from_json(cfg.init_from) if cfg.init_from else preset(cfg.preset)
-        self.layout = parallel.init(cfg, self.arch.n_routed_experts)
+        self.layout = parallel.init(cfg, self.arch.n_routed_experts, cfg.mtp and self.arch.num_nextn_predict_layers > 0)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
@@ -68,7 +69,9 @@ class Trainer:
             parallel.barrier(self.layout)
         self.unigram = unigram_loss(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
         self.model = self._model()
-        if self.layout.distributed:
+        if self.layout.pp > 1:
+            self._pipeline()
+        elif self.layout.distributed:
             parallel.shard(self.model, self.layout, self.device)
         self.opt = build_optimizer(self.model, cfg)
         mb = cfg.micro_batch_size or cfg.batch_size
@@ -141,6 +144,33 @@ class Trainer:
                 block.compile()
         return model.train()
 
+    def _pipeline(self) -> None:
+        """Cut the model into this rank's stages and drop the modules other ranks hold (dsv3.train.pipeline)."""
+        cfg, lay = self.cfg, self.layout
+        # The whole step's batch goes through one schedule step, as (micro-batches x pipeline micro-batches)
+        # chunks: the schedule scales the summed gradients once (a second step() would scale the first's again).
+        self.n_mb = (cfg.pp_microbatches or lay.pp * (2 if cfg.pp_schedule == "dualpipev" else 1)) * cfg.grad_accum
+        self.schedule, self.stages = build_schedule(self.model, lay.rank, lay.pp, self.n_mb, next_token_loss,
+                                                    cfg.pp_schedule, self.device)
+        owned = {int(i) for m in self.stages for i in m.layers}
+        for i in range(len(self.model.layers)):
+            if i not in owned:
+                self.model.layers[i] = torch.nn.Identity()
+        self.first = any(m.embed_tokens is not None for m in self.stages)
+        self.last = any(m.lm_head is not None for m in self.stages)
+        if not self.first:
+            self.model.embed_tokens = None
+        if not self.last:
+            self.model.norm = self.model.lm_head = None
+
+    def _pipeline_pass(self, batch: Batch) -> torch.Tensor | None:
+        """The step's batch through the schedule; -> its mean loss on the last stage's rank, None elsewhere."""
+        losses = []
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            self.schedule.step(*([batch.input_ids] if self.first else []),
+                               **({"target": batch.labels, "losses": losses} if self.last else {}))
+        return torch.stack(losses).mean().detach() if losses else None
+
     # ---- one optimizer step ------------------------------------------------------------------------------
     def _forward_loss(self, batch, lam: float):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
@@ -157,10 +187,11 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         alpha = {"bias": cfg.seq_aux_alpha, "aux": cfg.aux_alpha, "none": 0.0}[self.balance]
-        set_balance_loss(self.model, alpha / accum)
+        # Under a pipeline the schedule averages over all its chunks itself: the coefficient stays α.
+        set_balance_loss(self.model, alpha / (accum if self.layout.pp == 1 else 1))
         sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         counts = None
-        for _ in range(accum):
+        for _ in range(accum if self.layout.pp == 1 else 0):
             batch = self._mine(self.loader.next_batch())
             total, main, extra, out = self._forward_loss(batch, lam)
             (total / accum).backward()
@@ -171,12 +202,26 @@ class Trainer:
                 sums["balance_loss"] += out.balance_loss / accum
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
-        grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip)
+        if self.layout.pp > 1:
+            parts = [self.loader.next_batch() for _ in range(accum)]
+            batch = Batch(*(torch.cat([getattr(b, f) for b in parts]) for f in ("input_ids", "labels", "doc_ids")))
+            loss = self._pipeline_pass(batch.to(self.device))
+            sums["loss"] = loss if loss is not None else 0.0
+            grad_norm = parallel.clip_grad_norm_pp(self.model.parameters(), cfg.grad_clip)
+        else:
+            grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # the global norm, over every rank's shards
             grad_norm = grad_norm.full_tensor()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.layout.distributed:  # loads of the global batch; losses averaged over ranks for the log
+        if self.layout.pp > 1:  # the loss lives on the last stage's rank; each stage balances its own layers
+            sums = {"loss": parallel.all_sum(torch.as_tensor(sums["loss"], device=self.device, dtype=torch.float32),
+                                             self.layout)}  # no balance-loss value or MaxVio logged yet
+            for stage in self.stages:
+                loads = stage.take_loads(self.n_mb)
+                if loads is not None and self.balance == "bias":
+                    update_balance_bias(stage, loads, cfg.bias_update_rate)
+        elif self.layout.distributed:  # loads of the global batch; losses averaged over ranks for the log
             counts = counts if counts is None else parallel.all_sum(counts, self.layout)
             sums = {k: parallel.all_sum(torch.as_tensor(v, device=self.device, dtype=torch.float32),
                                         self.layout) / self.layout.dp for k, v in sums.items()}
@@ -196,6 +241,14 @@ class Trainer:
         self.model.eval()
         losses = []
         for batch in self.val_loader.eval_batches(self.cfg.eval_batches):
+            if self.layout.pp > 1:  # the loss only on the last stage's rank (0 elsewhere: all_sum below)
+                batch = batch.to(self.device)
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    logits = forward_only(self.stages, batch.input_ids, self.layout.rank, self.layout.pp,
+                                          self.cfg.pp_schedule == "dualpipev")
+                losses.append(next_token_loss(logits, batch.labels).float() if logits is not None
+                              else torch.zeros((), device=self.device))
+                continue
             if len(batch.input_ids) % self.layout.dp:  # a short last batch: keep what every rank can share
                 keep = len(batch.input_ids) // self.layout.dp * self.layout.dp
                 if not keep:
@@ -206,7 +259,7 @@ class Trainer:
                 out = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None)
             losses.append(next_token_loss(out.logits, batch.labels).float())
         self.model.train()
-        val = (parallel.all_sum(torch.stack(losses).mean(), self.layout) / self.layout.dp).item()
+        val = (parallel.all_sum(torch.stack(losses).mean(), self.layout) / self.layout.dp).item()  # pp: last stage
         return {"step": self.step, "val_loss": val, "val_ppl": math.exp(val), "unigram_loss": self.unigram}
 
     def _mine(self, batch: Batch) -> Batch:

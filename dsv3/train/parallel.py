@@ -2,7 +2,7 @@
 
 Data parallelism with FSDP2 (`fully_shard` per block, then the root) and expert parallelism (`--ep`: routed
 experts split over groups of consecutive ranks, all-to-all dispatch and combine; `EPExperts`), NCCL on GPUs and
-gloo on CPUs. Pipeline parallelism is not there yet.
+gloo on CPUs. Pipeline parallelism (`--pp`) lives in dsv3/train/pipeline.py; for now it runs alone.
 `--batch-size` is the global batch: every rank reads the same global micro-batch from the loader (the order a
 single process would see) and trains on its 1/dp slice, so one command trains on the same data whatever the
 layout, and the run equals the single-process one up to float rounding (tests/test_parallel.py). The model code
@@ -30,7 +30,9 @@ class Layout:
     world: int = 1
     local_rank: int = 0
     dp: int = 1
+    dp_rank: int = 0
     ep: int = 1
+    pp: int = 1
     distributed: bool = False  # launched by torchrun: the parallel code path, even with one process
 
     @property
@@ -40,10 +42,24 @@ class Layout:
     def slice(self, n: int) -> slice:
         """This rank's part of n sequences of a global micro-batch."""
         per = n // self.dp
-        return slice(self.rank * per, (self.rank + 1) * per)
+        return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
 
 
-def layout_errors(cfg, world: int, n_experts: int) -> list[str]:
+def layout_errors(cfg, world: int, n_experts: int, mtp: bool = False) -> list[str]:
+    if cfg.pp > 1:
+        errors = []
+        if world != cfg.pp or cfg.ep > 1 or cfg.dp_shard not in (-1, 1):
+            errors.append(f"--pp {cfg.pp} needs exactly {cfg.pp} processes and no --ep / --dp-shard for now "
+                          f"(world size {world}): pipeline with data or expert parallelism comes later")
+        if mtp:
+            errors.append("--pp does not carry MTP yet: add --no-mtp")
+        if cfg.doc_mask:
+            errors.append("--pp does not pass document masks between stages yet: drop --doc-mask")
+        n_mb = cfg.pp_microbatches or cfg.pp * (2 if cfg.pp_schedule == "dualpipev" else 1)
+        if (cfg.micro_batch_size or cfg.batch_size) % n_mb:
+            errors.append(f"the micro-batch ({cfg.micro_batch_size or cfg.batch_size} sequences) must split into "
+                          f"{n_mb} pipeline micro-batches")
+        return errors
     dp = world if cfg.dp_shard == -1 else cfg.dp_shard
     errors = []
     if dp < 1 or world % dp or dp != world:
@@ -61,12 +77,12 @@ def layout_errors(cfg, world: int, n_experts: int) -> list[str]:
     return errors
 
 
-def init(cfg, n_experts: int) -> Layout:
+def init(cfg, n_experts: int, mtp: bool = False) -> Layout:
     """Read torchrun's environment, check the layout (one clear error on rank 0 before any work), join the
     process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    errors = layout_errors(cfg, world, n_experts)
+    errors = layout_errors(cfg, world, n_experts, mtp)
     if errors:
         if rank:
             sys.exit(1)
@@ -79,7 +95,9 @@ def init(cfg, n_experts: int) -> Layout:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Layout(rank=rank, world=world, local_rank=local, dp=world, ep=cfg.ep, distributed=True)
+    if cfg.pp > 1:
+        return Layout(rank=rank, world=world, local_rank=local, pp=cfg.pp, distributed=True)
+    return Layout(rank=rank, world=world, local_rank=local, dp=world, dp_rank=rank, ep=cfg.ep, distributed=True)
 
 
 def shard(model: torch.nn.Module, layout: Layout, device: torch.device) -> torch.nn.Module:
@@ -109,6 +127,17 @@ def shard(model: torch.nn.Module, layout: Layout, device: torch.device) -> torch
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def clip_grad_norm_pp(params, max_norm: float) -> torch.Tensor:
+    """Pipeline ranks hold disjoint parameters: the global norm sums every rank's squared norm."""
+    params = [p for p in params if p.grad is not None]
+    local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    total = local.float().pow(2)
+    dist.all_reduce(total)
+    total = total.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:

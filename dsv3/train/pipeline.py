@@ -6,8 +6,10 @@ A stage is a `StageModule` over the built model's own modules: the embedding on 
 [lo, hi), the final norm and head on the last. It keeps the model's parameter names (`layers.{i}.…`), so a
 stage's state dict is a slice of the model's. The sequence-wise balance loss reaches backward through each
 layer's own autograd (MoE attaches it to the layer's output), not through the stage outputs, and each stage
-records its layers' expert loads for the bias update. Not yet here: MTP (it needs the input ids and the
-embedding on the last stage) and packed-document masks across stages.
+records its layers' expert loads for the bias update. The trainer sends a step's whole batch through one
+schedule step (accumulation as more chunks), validates with `forward_only`, and gathers the stages' weights on
+rank 0 for the export. Not yet here: MTP (it needs the input ids and the embedding on the last stage),
+packed-document masks across stages, pipeline combined with data or expert parallelism.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class StageModule(nn.Module):
         self.lm_head = model.lm_head if last else None
         self.register_buffer("rope_inv_freq", model.rope_inv_freq, persistent=False)
         self.rope_factor = model.rope_factor
+        self.hidden = model.config.hidden_size
+        self.stage_index = 0
         self.counts: list[torch.Tensor] = []  # expert loads of this stage's MoE layers, per micro-batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,10 +43,13 @@ class StageModule(nn.Module):
                 self.counts.append(route[0])
         return self.lm_head(self.norm(h)) if self.lm_head is not None else h
 
+    def moe_layers(self) -> list[nn.Module]:  # as Transformer.moe_layers: the balance helpers take a stage
+        return [layer.mlp for layer in self.layers.values() if hasattr(layer.mlp, "gate")]
+
     def take_loads(self, n_microbatches: int) -> torch.Tensor | None:
         """(MoE layers of this stage, E) loads summed over the last step's micro-batches; clears the record. The
         schedule's first step also runs a shape-inference forward, which the count leaves out."""
-        per = sum(1 for layer in self.layers.values() if hasattr(layer.mlp, "gate"))
+        per = len(self.moe_layers())
         if not per:
             return None
         loads = torch.stack(self.counts[-n_microbatches * per:]).view(n_microbatches, per, -1).sum(0)
@@ -78,7 +85,33 @@ def build_schedule(model: nn.Module, pp_rank: int, pp: int, n_microbatches: int,
     bounds = stage_bounds(len(model.layers), n_stages)
     ids = [pp_rank] if schedule == "1f1b" else [pp_rank, n_stages - 1 - pp_rank]
     modules = [StageModule(model, *bounds[s], s == 0, s == n_stages - 1) for s in ids]
+    for m, s in zip(modules, ids):
+        m.stage_index = s
     stages = [PipelineStage(m, s, n_stages, device, group=group) for m, s in zip(modules, ids)]
     if schedule == "1f1b":
         return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn), modules
     return ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn), modules
+
+
+@torch.no_grad()
+def forward_only(modules: list[StageModule], input_ids: torch.Tensor, pp_rank: int, pp: int, v_shape: bool,
+                 group=None) -> torch.Tensor | None:
+    """The stages in order over one batch, activations passed rank to rank (fp32 on the wire) -> the logits on
+    the rank holding the last stage, None elsewhere. For validation: the V schedules' eval() in torch 2.13 trips
+    over their own backward actions."""
+    import torch.distributed as dist
+    n_stages = pp * (2 if v_shape else 1)
+    owner = [s if not v_shape or s < pp else n_stages - 1 - s for s in range(n_stages)]
+    mine = {m.stage_index: m for m in modules}
+    B, T = input_ids.shape
+    h = input_ids
+    for s in range(n_stages):
+        if owner[s] != pp_rank:
+            continue
+        if s and owner[s - 1] != pp_rank:
+            h = torch.empty(B, T, mine[s].hidden, device=input_ids.device)
+            dist.recv(h, group_src=owner[s - 1], group=group)
+        h = mine[s](h)
+        if s + 1 < n_stages and owner[s + 1] != pp_rank:
+            dist.send(h.float().contiguous(), group_dst=owner[s + 1], group=group)
+    return h if owner[-1] == pp_rank else None
