@@ -153,6 +153,8 @@ class Trainer:
         self.schedule, self.stages = build_schedule(self.model, lay.rank, lay.pp, self.n_mb, next_token_loss,
                                                     cfg.pp_schedule, self.device)
         owned = {int(i) for m in self.stages for i in m.layers}
+        moe = [i for i, block in enumerate(self.model.layers) if hasattr(block.mlp, "gate")]
+        self.moe_rows = {i: row for row, i in enumerate(moe)}  # layer -> row of the model's expert-load table
         for i in range(len(self.model.layers)):
             if i not in owned:
                 self.model.layers[i] = torch.nn.Identity()
@@ -215,17 +217,24 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.layout.pp > 1:  # the loss lives on the last stage's rank; each stage balances its own layers
-            sums = {"loss": parallel.all_sum(torch.as_tensor(sums["loss"], device=self.device, dtype=torch.float32),
-                                             self.layout)}  # no balance-loss value or MaxVio logged yet
+            table = torch.zeros(len(self.moe_rows), self.arch.n_routed_experts, device=self.device,
+                                dtype=torch.int64)  # every stage fills its layers' rows: the whole table after the sum
             for stage in self.stages:
-                loads = stage.take_loads(self.n_mb)
-                if loads is not None and self.balance == "bias":
-                    update_balance_bias(stage, loads, cfg.bias_update_rate)
+                loads, bal = stage.take_loads(self.n_mb)
+                if loads is None:
+                    continue
+                table[[self.moe_rows[int(i)] for i, b in stage.layers.items() if hasattr(b.mlp, "gate")]] = loads
+                sums["balance_loss"] += bal if bal is not None else 0.0
+                if self.balance == "bias":
+                    update_balance_bias(stage, loads, cfg.bias_update_rate)  # each stage its own layers
+            sums = {k: parallel.all_sum(torch.as_tensor(v, device=self.device, dtype=torch.float32), self.layout)
+                    for k, v in sums.items() if k != "mtp_loss"}
+            counts = parallel.all_sum(table, self.layout) if len(self.moe_rows) else None
         elif self.layout.distributed:  # loads of the global batch; losses averaged over ranks for the log
             counts = counts if counts is None else parallel.all_sum(counts, self.layout)
             sums = {k: parallel.all_sum(torch.as_tensor(v, device=self.device, dtype=torch.float32),
                                         self.layout) / self.layout.dp for k, v in sums.items()}
-        if counts is not None and self.balance == "bias":
+        if counts is not None and self.balance == "bias" and self.layout.pp == 1:
             update_balance_bias(self.model, counts, cfg.bias_update_rate)
         self.step += 1
         rec = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm)}

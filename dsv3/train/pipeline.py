@@ -31,6 +31,7 @@ class StageModule(nn.Module):
         self.hidden = model.config.hidden_size
         self.stage_index = 0
         self.counts: list[torch.Tensor] = []  # expert loads of this stage's MoE layers, per micro-batch
+        self.bals: list[torch.Tensor] = []  # their sequence-wise balance losses (values, for the log)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
@@ -39,22 +40,27 @@ class StageModule(nn.Module):
         cos, sin = rope.cos_sin(positions, self.rope_inv_freq, self.rope_factor)
         for layer in self.layers.values():
             h, route = layer(h, cos, sin, None, None)
-            if route is not None and torch.is_grad_enabled():  # not the schedule's shape-inference pass
+            if route is not None and torch.is_grad_enabled():
                 self.counts.append(route[0])
+                if route[1] is not None:
+                    self.bals.append(route[1])
         return self.lm_head(self.norm(h)) if self.lm_head is not None else h
 
     def moe_layers(self) -> list[nn.Module]:  # as Transformer.moe_layers: the balance helpers take a stage
         return [layer.mlp for layer in self.layers.values() if hasattr(layer.mlp, "gate")]
 
-    def take_loads(self, n_microbatches: int) -> torch.Tensor | None:
-        """(MoE layers of this stage, E) loads summed over the last step's micro-batches; clears the record. The
-        schedule's first step also runs a shape-inference forward, which the count leaves out."""
+    def take_loads(self, n_microbatches: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """-> ((MoE layers of this stage, E) loads summed over the last step's micro-batches, the sum of their
+        balance losses averaged over the micro-batches); clears the record. The schedule's first step also runs a
+        shape-inference forward, which the counts leave out."""
         per = len(self.moe_layers())
         if not per:
-            return None
+            return None, None
         loads = torch.stack(self.counts[-n_microbatches * per:]).view(n_microbatches, per, -1).sum(0)
+        bal = torch.stack(self.bals[-n_microbatches * per:]).sum() / n_microbatches if self.bals else None
         self.counts.clear()
-        return loads
+        self.bals.clear()
+        return loads, bal
 
 
 def stage_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
