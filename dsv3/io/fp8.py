@@ -20,15 +20,21 @@ def scale_grid(shape) -> tuple[int, int]:
 
 
 def _expand(scale: torch.Tensor, shape) -> torch.Tensor:
-    """(ceil(O/128), ceil(I/128)) -> (O, I), each block's scale repeated over the rows/cols it covers."""
-    return scale.repeat_interleave(BLOCK, 0)[: shape[0]].repeat_interleave(BLOCK, 1)[:, : shape[1]]
+    """(..., ceil(O/128), ceil(I/128)) -> (..., O, I), each block's scale repeated over the rows/cols it covers."""
+    O, I = shape[-2:]
+    return scale.repeat_interleave(BLOCK, -2)[..., :O, :].repeat_interleave(BLOCK, -1)[..., :I]
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(..., O, I) e4m3 with (..., ceil(O/128), ceil(I/128)) block scales -> values in dtype (computed in it)."""
+    return q.to(dtype) * _expand(scale.to(dtype), q.shape)
 
 
 def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16, name: str = "weight") -> torch.Tensor:
     if w.dim() != 2 or tuple(scale_inv.shape) != scale_grid(w.shape):
         raise ValueError(f"{name}: scale grid {tuple(scale_inv.shape)} does not match weight {tuple(w.shape)} "
                          f"(expected {scale_grid(w.shape)} for 128×128 blocks)")
-    return (w.float() * _expand(scale_inv.float(), w.shape)).to(dtype)
+    return dequantize_blocks(w, scale_inv).to(dtype)
 
 
 def quantize(w: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

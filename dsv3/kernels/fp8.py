@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from dsv3.io.fp8 import BLOCK, FP8, FP8_MAX  # the checkpoint format's constants
+from dsv3.io.fp8 import BLOCK, FP8, FP8_MAX, dequantize_blocks  # noqa: F401  (the checkpoint format's)
 
 try:
     import triton
@@ -69,14 +69,9 @@ def quantize_blocks_reference(w: torch.Tensor, ue8m0: bool = False):
 
 
 def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(..., K) e4m3 with (..., >= ceil(K/128)) 1×128 scales along the last dim -> values in dtype."""
     K = q.shape[-1]
     return (q.to(dtype) * s.to(dtype).repeat_interleave(BLOCK, -1)[..., :K])
-
-
-def dequantize_blocks(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    N, K = q.shape[-2:]
-    full = s.to(dtype).repeat_interleave(BLOCK, -2)[..., :N, :].repeat_interleave(BLOCK, -1)[..., :K]
-    return q.to(dtype) * full
 
 
 def _interpret() -> bool:

@@ -27,25 +27,13 @@ import os
 
 import torch
 
+from dsv3.kernels.fp8 import BLOCK, dequantize_blocks, dequantize_rows  # BLOCK: the scales', so the K step
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch reference serves
     triton = None
-
-BLOCK = 128  # scale granularity, and so the K step of both kernels
-
-
-def _dequant_1x128(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(..., L) fp8 with (..., >= ceil(L/128)) scales along the last dim -> (..., L) in dtype."""
-    return q.to(dtype) * s.to(dtype).repeat_interleave(BLOCK, -1)[..., : q.shape[-1]]
-
-
-def _dequant_128x128(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(N, K) fp8 with (ceil(N/128), ceil(K/128)) block scales -> (N, K) in dtype."""
-    N, K = q.shape
-    return q.to(dtype) * s.to(dtype).repeat_interleave(BLOCK, 0)[:N].repeat_interleave(BLOCK, 1)[:, :K]
-
 
 def grouped_fp8_mm_reference(a_q, a_s, b_q, b_s, offs, out_dtype=torch.bfloat16, compute_dtype=torch.float32):
     """Dequantize each group in compute_dtype and multiply; rows outside every group come out zero."""
@@ -53,8 +41,8 @@ def grouped_fp8_mm_reference(a_q, a_s, b_q, b_s, offs, out_dtype=torch.bfloat16,
     start = 0
     for e, end in enumerate(offs.tolist()):  # host sync: fine for a reference path
         if end > start:
-            a = _dequant_1x128(a_q[start:end], a_s[start:end], compute_dtype)  # (rows, K)
-            out[start:end] = a @ _dequant_128x128(b_q[e], b_s[e], compute_dtype).T
+            a = dequantize_rows(a_q[start:end], a_s[start:end], compute_dtype)  # (rows, K)
+            out[start:end] = a @ dequantize_blocks(b_q[e], b_s[e], compute_dtype).T
         start = end
     return out.to(out_dtype)
 
@@ -65,8 +53,8 @@ def grouped_fp8_mm_wgrad_reference(g_q, g_s, x_q, x_s, offs, out_dtype=torch.flo
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:  # start is a multiple of 128, so the group's scales start at column start // 128
-            g = _dequant_1x128(g_q[:, start:end], g_s[:, start // BLOCK:], compute_dtype)  # (N, rows)
-            x = _dequant_1x128(x_q[:, start:end], x_s[:, start // BLOCK:], compute_dtype)  # (K, rows)
+            g = dequantize_rows(g_q[:, start:end], g_s[:, start // BLOCK:], compute_dtype)  # (N, rows)
+            x = dequantize_rows(x_q[:, start:end], x_s[:, start // BLOCK:], compute_dtype)  # (K, rows)
             out[e] = g @ x.T
         start = end
     return out.to(out_dtype)

@@ -23,6 +23,7 @@ from dsv3.data.tokens import build_token_files, is_token_dir, open_token_files, 
 from dsv3.info import model_stats
 from dsv3.io import load_model
 from dsv3.model import Transformer
+from dsv3.model.moe import MoE
 from dsv3.tokenizer import Tokenizer
 from dsv3.train import parallel
 from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
@@ -32,7 +33,7 @@ from dsv3.train.metrics import MetricsLog, plot_run
 from dsv3.train.objective import (max_violation, mtp_loss, next_token_loss, set_balance_loss,
                                   update_balance_bias)
 from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
-from dsv3.train.pipeline import build_schedule, forward_only
+from dsv3.train.pipeline import build_schedule, forward_only, pipeline_microbatches
 
 H100_BF16_FLOPS = 989e12
 
@@ -88,10 +89,16 @@ class Trainer:
         self.flops_per_token = model_stats(self.model.config, cfg.seq_len)["training_flops_per_token"]
 
     # ---- setup -----------------------------------------------------------------------------------------
+    @property
+    def _token_dir(self) -> str | None:
+        """--data is one directory of token files built before (a run's data/): train on those as they are."""
+        data = self.cfg.data
+        return data[0] if len(data) == 1 and is_token_dir(data[0]) else None
+
     def _token_files(self):
         cfg = self.cfg
-        if len(cfg.data) == 1 and is_token_dir(cfg.data[0]):  # tokenized before: train on those files
-            return open_token_files(cfg.data[0], self.tokenizer)
+        if self._token_dir:
+            return open_token_files(self._token_dir, self.tokenizer)
         return build_token_files(read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
                                  corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.seed)
 
@@ -101,8 +108,8 @@ class Trainer:
             return Tokenizer.from_dir(out)
         if self.cfg.tokenizer:
             tok = Tokenizer.from_dir(self.cfg.tokenizer)
-        elif len(self.cfg.data) == 1 and is_token_dir(self.cfg.data[0]):
-            raise ValueError(f"--data {self.cfg.data[0]} holds token files: pass the tokenizer they were built with "
+        elif self._token_dir:
+            raise ValueError(f"--data {self._token_dir} holds token files: pass the tokenizer they were built with "
                              "(--tokenizer RUN/tokenizer)")
         else:
             print(f"training a {self.cfg.vocab_size}-token byte-level BPE on the corpus ...")
@@ -149,11 +156,11 @@ class Trainer:
         cfg, lay = self.cfg, self.layout
         # The whole step's batch goes through one schedule step, as (micro-batches x pipeline micro-batches)
         # chunks: the schedule scales the summed gradients once (a second step() would scale the first's again).
-        self.n_mb = (cfg.pp_microbatches or lay.pp * (2 if cfg.pp_schedule == "dualpipev" else 1)) * cfg.grad_accum
+        self.n_mb = pipeline_microbatches(cfg) * cfg.grad_accum
         self.schedule, self.stages = build_schedule(self.model, lay.rank, lay.pp, self.n_mb, next_token_loss,
                                                     cfg.pp_schedule, self.device)
         owned = {int(i) for m in self.stages for i in m.layers}
-        moe = [i for i, block in enumerate(self.model.layers) if hasattr(block.mlp, "gate")]
+        moe = [i for i, block in enumerate(self.model.layers) if isinstance(block.mlp, MoE)]
         self.moe_rows = {i: row for row, i in enumerate(moe)}  # layer -> row of the model's expert-load table
         for i in range(len(self.model.layers)):
             if i not in owned:
@@ -191,9 +198,26 @@ class Trainer:
         alpha = {"bias": cfg.seq_aux_alpha, "aux": cfg.aux_alpha, "none": 0.0}[self.balance]
         # Under a pipeline the schedule averages over all its chunks itself: the coefficient stays α.
         set_balance_loss(self.model, alpha / (accum if self.layout.pp == 1 else 1))
+        sums, counts = self._pipeline_accumulate() if self.layout.pp > 1 else self._accumulate(lam)
+        grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.layout)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        rec = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm)}
+        rec.update({k: float(v) for k, v in sums.items() if torch.is_tensor(v)})
+        if len(self.model.mtp):
+            rec["mtp_lambda"] = lam
+        if counts is not None:
+            rec["maxvio"] = [round(v, 4) for v in max_violation(counts).tolist()]
+        return rec
+
+    def _accumulate(self, lam: float) -> tuple[dict, torch.Tensor | None]:
+        """Forward and backward over the step's micro-batches (this rank's slices); the balance bias moves with
+        the loads of the global batch. -> (losses averaged over ranks, expert loads)."""
+        cfg, accum = self.cfg, self.cfg.grad_accum
         sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         counts = None
-        for _ in range(accum if self.layout.pp == 1 else 0):
+        for _ in range(accum):
             batch = self._mine(self.loader.next_batch())
             total, main, extra, out = self._forward_loss(batch, lam)
             (total / accum).backward()
@@ -204,46 +228,34 @@ class Trainer:
                 sums["balance_loss"] += out.balance_loss / accum
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
-        if self.layout.pp > 1:
-            parts = [self.loader.next_batch() for _ in range(accum)]
-            batch = Batch(*(torch.cat([getattr(b, f) for b in parts]) for f in ("input_ids", "labels", "doc_ids")))
-            loss = self._pipeline_pass(batch.to(self.device))
-            sums["loss"] = loss if loss is not None else 0.0
-            grad_norm = parallel.clip_grad_norm_pp(self.model.parameters(), cfg.grad_clip)
-        else:
-            grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # the global norm, over every rank's shards
-            grad_norm = grad_norm.full_tensor()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.layout.pp > 1:  # the loss lives on the last stage's rank; each stage balances its own layers
-            table = torch.zeros(len(self.moe_rows), self.arch.n_routed_experts, device=self.device,
-                                dtype=torch.int64)  # every stage fills its layers' rows: the whole table after the sum
-            for stage in self.stages:
-                loads, bal = stage.take_loads(self.n_mb)
-                if loads is None:
-                    continue
-                table[[self.moe_rows[int(i)] for i, b in stage.layers.items() if hasattr(b.mlp, "gate")]] = loads
-                sums["balance_loss"] += bal if bal is not None else 0.0
-                if self.balance == "bias":
-                    update_balance_bias(stage, loads, cfg.bias_update_rate)  # each stage its own layers
-            sums = {k: parallel.all_sum(torch.as_tensor(v, device=self.device, dtype=torch.float32), self.layout)
-                    for k, v in sums.items() if k != "mtp_loss"}
-            counts = parallel.all_sum(table, self.layout) if len(self.moe_rows) else None
-        elif self.layout.distributed:  # loads of the global batch; losses averaged over ranks for the log
+        if self.layout.distributed:
             counts = counts if counts is None else parallel.all_sum(counts, self.layout)
             sums = {k: parallel.all_sum(torch.as_tensor(v, device=self.device, dtype=torch.float32),
                                         self.layout) / self.layout.dp for k, v in sums.items()}
-        if counts is not None and self.balance == "bias" and self.layout.pp == 1:
+        if counts is not None and self.balance == "bias":
             update_balance_bias(self.model, counts, cfg.bias_update_rate)
-        self.step += 1
-        rec = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm)}
-        rec.update({k: float(v) for k, v in sums.items() if torch.is_tensor(v)})
-        if len(self.model.mtp):
-            rec["mtp_lambda"] = lam
-        if counts is not None:
-            rec["maxvio"] = [round(v, 4) for v in max_violation(counts).tolist()]
-        return rec
+        return sums, counts
+
+    def _pipeline_accumulate(self) -> tuple[dict, torch.Tensor | None]:
+        """The step's whole batch through the pipeline schedule. The loss lives on the last stage's rank; each
+        stage moves its own layers' balance biases and fills their rows of the model's load table."""
+        cfg = self.cfg
+        parts = [self.loader.next_batch() for _ in range(cfg.grad_accum)]
+        batch = Batch(*(torch.cat([getattr(b, f) for b in parts]) for f in ("input_ids", "labels", "doc_ids")))
+        loss = self._pipeline_pass(batch.to(self.device))
+        sums = {"loss": loss if loss is not None else 0.0, "balance_loss": 0.0}
+        table = torch.zeros(len(self.moe_rows), self.arch.n_routed_experts, device=self.device, dtype=torch.int64)
+        for stage in self.stages:
+            loads, bal = stage.take_loads(self.n_mb)
+            if loads is None:
+                continue
+            table[[self.moe_rows[i] for i in stage.moe_ids]] = loads
+            sums["balance_loss"] += bal if bal is not None else 0.0
+            if self.balance == "bias":
+                update_balance_bias(stage, loads, cfg.bias_update_rate)
+        sums = {k: parallel.all_sum(torch.as_tensor(v, device=self.device, dtype=torch.float32), self.layout)
+                for k, v in sums.items()}
+        return sums, parallel.all_sum(table, self.layout) if len(self.moe_rows) else None
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -254,7 +266,7 @@ class Trainer:
                 batch = batch.to(self.device)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                     logits = forward_only(self.stages, batch.input_ids, self.layout.rank, self.layout.pp,
-                                          self.cfg.pp_schedule == "dualpipev")
+                                          self.cfg.pp_schedule)
                 losses.append(next_token_loss(logits, batch.labels).float() if logits is not None
                               else torch.zeros((), device=self.device))
                 continue

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dnn
 
 from dsv3.model.moe import Experts
+from dsv3.train.pipeline import pipeline_microbatches
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def layout_errors(cfg, world: int, n_experts: int, mtp: bool = False) -> list[st
             errors.append("--pp does not carry MTP yet: add --no-mtp")
         if cfg.doc_mask:
             errors.append("--pp does not pass document masks between stages yet: drop --doc-mask")
-        n_mb = cfg.pp_microbatches or cfg.pp * (2 if cfg.pp_schedule == "dualpipev" else 1)
+        n_mb = pipeline_microbatches(cfg)
         if (cfg.micro_batch_size or cfg.batch_size) % n_mb:
             errors.append(f"the micro-batch ({cfg.micro_batch_size or cfg.batch_size} sequences) must split into "
                           f"{n_mb} pipeline micro-batches")
@@ -129,28 +130,22 @@ def shard(model: torch.nn.Module, layout: Layout, device: torch.device) -> torch
     return model
 
 
-def clip_grad_norm_pp(params, max_norm: float) -> torch.Tensor:
-    """Pipeline ranks hold disjoint parameters: the global norm sums every rank's squared norm."""
-    params = [p for p in params if p.grad is not None]
-    local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-    total = local.float().pow(2)
-    dist.all_reduce(total)
-    total = total.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """The global gradient norm, clipped to max_norm. Sharded gradients live on two meshes under expert
-    parallelism (the experts' and everyone's), which torch's clip cannot stack: norm per mesh, then combine."""
+def clip_grad_norm(params, max_norm: float, layout: Layout = Layout()) -> torch.Tensor:
+    """The global gradient norm, clipped to max_norm. Under expert parallelism sharded gradients live on two
+    meshes (the experts' and everyone's), which torch's clip cannot stack, and pipeline ranks hold disjoint
+    parameters: norm per mesh, then the squares summed over meshes and pipeline ranks."""
     by_mesh = {}
     for p in params:
         if p.grad is not None:
             by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
-    if len(by_mesh) < 2:
-        return torch.nn.utils.clip_grad_norm_([p for group in by_mesh.values() for p in group], max_norm)
+    if len(by_mesh) < 2 and layout.pp == 1:
+        norm = torch.nn.utils.clip_grad_norm_([p for group in by_mesh.values() for p in group], max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # the norm over every rank's shards
     norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in by_mesh.values()]
-    total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm()
+    squares = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).float().pow(2).sum()
+    if layout.pp > 1:
+        dist.all_reduce(squares)
+    total = squares.sqrt()
     for group in by_mesh.values():  # one coefficient for all, applied mesh by mesh
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

@@ -17,11 +17,23 @@ import torch
 from torch import nn
 
 from dsv3.model import rope
+from dsv3.model.moe import MoE
+
+
+def n_stages(pp: int, schedule: str) -> int:
+    return pp * (2 if schedule == "dualpipev" else 1)
+
+
+def pipeline_microbatches(cfg) -> int:
+    """Pipeline micro-batches per training micro-batch: --pp-microbatches, by default one per stage."""
+    return cfg.pp_microbatches or n_stages(cfg.pp, cfg.pp_schedule)
 
 
 class StageModule(nn.Module):
-    def __init__(self, model: nn.Module, lo: int, hi: int, first: bool, last: bool):
+    def __init__(self, model: nn.Module, lo: int, hi: int, index: int, n: int):
         super().__init__()
+        first, last = index == 0, index == n - 1
+        self.stage_index = index
         self.embed_tokens = model.embed_tokens if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(lo, hi)})
         self.norm = model.norm if last else None
@@ -29,7 +41,6 @@ class StageModule(nn.Module):
         self.register_buffer("rope_inv_freq", model.rope_inv_freq, persistent=False)
         self.rope_factor = model.rope_factor
         self.hidden = model.config.hidden_size
-        self.stage_index = 0
         self.counts: list[torch.Tensor] = []  # expert loads of this stage's MoE layers, per micro-batch
         self.bals: list[torch.Tensor] = []  # their sequence-wise balance losses (values, for the log)
 
@@ -46,8 +57,13 @@ class StageModule(nn.Module):
                     self.bals.append(route[1])
         return self.lm_head(self.norm(h)) if self.lm_head is not None else h
 
+    @property
+    def moe_ids(self) -> list[int]:
+        """Indices (in the whole model) of this stage's MoE layers."""
+        return [int(i) for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)]
+
     def moe_layers(self) -> list[nn.Module]:  # as Transformer.moe_layers: the balance helpers take a stage
-        return [layer.mlp for layer in self.layers.values() if hasattr(layer.mlp, "gate")]
+        return [self.layers[str(i)].mlp for i in self.moe_ids]
 
     def take_loads(self, n_microbatches: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """-> ((MoE layers of this stage, E) loads summed over the last step's micro-batches, the sum of their
@@ -63,13 +79,13 @@ class StageModule(nn.Module):
         return loads, bal
 
 
-def stage_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
-    """Contiguous, as even as possible (earlier stages get the extra layer: the last one carries the head)."""
-    if n_layers < n_stages:
-        raise ValueError(f"{n_layers} layers cannot fill {n_stages} pipeline stages")
-    base, extra = divmod(n_layers, n_stages)
+def stage_bounds(n_layers: int, n: int) -> list[tuple[int, int]]:
+    """n contiguous ranges, as even as possible (earlier stages get the extra layer: the last carries the head)."""
+    if n_layers < n:
+        raise ValueError(f"{n_layers} layers cannot fill {n} pipeline stages")
+    base, extra = divmod(n_layers, n)
     bounds, lo = [], 0
-    for s in range(n_stages):
+    for s in range(n):
         hi = lo + base + (s < extra)
         bounds.append((lo, hi))
         lo = hi
@@ -85,39 +101,37 @@ def build_schedule(model: nn.Module, pp_rank: int, pp: int, n_microbatches: int,
         raise ValueError(f"--pp-schedule {schedule!r}: expected 1f1b or dualpipev")
     if model.config.num_nextn_predict_layers:
         raise ValueError("pipeline parallelism does not carry MTP yet: train with --no-mtp")
-    n_stages = pp * (2 if schedule == "dualpipev" else 1)
-    if n_microbatches < n_stages:
-        raise ValueError(f"{n_microbatches} micro-batches for {n_stages} stages: {schedule} needs at least as many")
-    bounds = stage_bounds(len(model.layers), n_stages)
-    ids = [pp_rank] if schedule == "1f1b" else [pp_rank, n_stages - 1 - pp_rank]
-    modules = [StageModule(model, *bounds[s], s == 0, s == n_stages - 1) for s in ids]
-    for m, s in zip(modules, ids):
-        m.stage_index = s
-    stages = [PipelineStage(m, s, n_stages, device, group=group) for m, s in zip(modules, ids)]
+    n = n_stages(pp, schedule)
+    if n_microbatches < n:
+        raise ValueError(f"{n_microbatches} micro-batches for {n} stages: {schedule} needs at least as many")
+    bounds = stage_bounds(len(model.layers), n)
+    ids = [pp_rank] if schedule == "1f1b" else [pp_rank, n - 1 - pp_rank]
+    modules = [StageModule(model, *bounds[s], s, n) for s in ids]
+    stages = [PipelineStage(m, s, n, device, group=group) for m, s in zip(modules, ids)]
     if schedule == "1f1b":
         return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn), modules
     return ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn), modules
 
 
 @torch.no_grad()
-def forward_only(modules: list[StageModule], input_ids: torch.Tensor, pp_rank: int, pp: int, v_shape: bool,
+def forward_only(modules: list[StageModule], input_ids: torch.Tensor, pp_rank: int, pp: int, schedule: str,
                  group=None) -> torch.Tensor | None:
     """The stages in order over one batch, activations passed rank to rank (fp32 on the wire) -> the logits on
     the rank holding the last stage, None elsewhere. For validation: the V schedules' eval() in torch 2.13 trips
     over their own backward actions."""
     import torch.distributed as dist
-    n_stages = pp * (2 if v_shape else 1)
-    owner = [s if not v_shape or s < pp else n_stages - 1 - s for s in range(n_stages)]
+    n = n_stages(pp, schedule)
+    owner = [s if s < pp else n - 1 - s for s in range(n)]  # the V of DualPipeV (1F1B: n == pp)
     mine = {m.stage_index: m for m in modules}
     B, T = input_ids.shape
     h = input_ids
-    for s in range(n_stages):
+    for s in range(n):
         if owner[s] != pp_rank:
             continue
         if s and owner[s - 1] != pp_rank:
             h = torch.empty(B, T, mine[s].hidden, device=input_ids.device)
             dist.recv(h, group_src=owner[s - 1], group=group)
         h = mine[s](h)
-        if s + 1 < n_stages and owner[s + 1] != pp_rank:
+        if s + 1 < n and owner[s + 1] != pp_rank:
             dist.send(h.float().contiguous(), group_dst=owner[s + 1], group=group)
     return h if owner[-1] == pp_rank else None
