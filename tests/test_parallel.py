@@ -171,6 +171,23 @@ def test_expert_parallel_dispatch_and_combine_match_one_process(tmp_path):
     mp.spawn(_ep_worker, args=(str(tmp_path / "init"),), nprocs=EP_RANKS, join=True)
 
 
+def test_clip_grad_norm_is_torchs_on_mixed_dtypes():
+    """One process: the same norm and clipped gradients as torch.nn.utils.clip_grad_norm_ (the reference)."""
+    from dsv3.train.parallel import clip_grad_norm
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(n, dtype=dt)) for n, dt in ((5, torch.float32), (7, torch.bfloat16))]
+    for p in ours:
+        p.grad = torch.randn_like(p) * 3
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ref, ours):
+        p.grad = q.grad.clone()
+    for max_norm in (100.0, 1.0):  # not clipped, then clipped
+        norm = clip_grad_norm(ours, max_norm)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, max_norm).float())
+        for p, q in zip(ref, ours):
+            torch.testing.assert_close(q.grad, p.grad)
+
+
 def test_layout_errors_name_what_is_wrong():
     from dsv3.train.config import TrainConfig
     from dsv3.train.parallel import layout_errors

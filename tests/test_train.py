@@ -72,11 +72,14 @@ def _cfg(tmp_path, out="run", **kw):
 
 
 def test_short_run_loss_decreases_and_writes_everything(tmp_path):
-    summary = Trainer(_cfg(tmp_path, steps=40, save_every=20, eval_every=20)).run()
+    summary = Trainer(_cfg(tmp_path, steps=40, save_every=20, eval_every=20, profile_steps=2)).run()
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     assert len(train) == 40 and {"loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens_per_s",
                                  "maxvio"} <= set(train[0])
+    assert [r["step"] for r in train if r.get("profiled")] == [39, 40]
+    (rank,) = next(r["ranks"] for r in rows if "ranks" in r)  # the profile of the last 2 steps, peak memory
+    assert 0 < rank["compute_ms"] <= 2 * rank["step_ms"] and rank["nccl_sendrecv_ms"] == 0 and rank["peak_rss_gib"] > 0
     assert sum(r["loss"] for r in train[-5:]) < 0.7 * sum(r["loss"] for r in train[:5])
     assert summary["val_loss"] < summary["unigram_loss"]
     model = dsv3.load_model(summary["checkpoint"])  # the exported checkpoint is a plain HF-layout model
@@ -114,6 +117,13 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
         trainer.run()
     assert e.value.code == 130
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["step_0000004"]
+
+
+def test_num_layers_shapes_a_new_model(tmp_path):
+    tr = Trainer(_cfg(tmp_path, num_layers=2, steps=1))
+    assert len(tr.model.layers) == 2 and tr.model.config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match="num_layers=2 shapes a new model"):
+        _cfg(tmp_path, out="other", num_layers=2, init_from=str(tmp_path))
 
 
 def test_resume_refuses_another_architecture(tmp_path):

@@ -17,6 +17,7 @@ class TrainConfig:
     tokenizer: str | None = None
     vocab_size: int = 4096
     model_vocab_size: int = 0  # 0: the tokenizer's size, padded to a multiple of 64
+    num_layers: int = 0  # 0: the preset's
     seq_len: int = 256
     fim_rate: float = 0.1
     val_fraction: float = 0.02
@@ -63,6 +64,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     threads: int | None = None
+    profile_steps: int = 0  # profile the last N steps: GPU time by kind (compute, NCCL) per rank in metrics.jsonl
     # parallelism (torchrun): data-parallel shards; -1 = every process
     dp_shard: int = -1
     ep: int = 1  # expert-parallel group size: routed experts split over this many consecutive ranks
@@ -85,6 +87,8 @@ class TrainConfig:
                               ("moments_dtype", ("fp32", "bf16"))):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")
+        if self.num_layers and self.init_from:
+            bad("num_layers", "shapes a new model; --init-from loads one with its own layers")
         if not 0 <= self.fim_rate <= 1:
             bad("fim_rate", "must be in [0, 1]")
 
@@ -100,6 +104,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--config", help="JSON file of TrainConfig fields (e.g. a run's run.json); flags given here override it")
     a("--preset", help="model preset for a new model (default tiny)")
+    a("--num-layers", type=int, help="decoder layers of a new model (default: the preset's)")
     a("--init-from", help="start from the weights of this checkpoint directory (Hugging Face layout)")
     a("--data", nargs="+", help=".txt / .jsonl (optionally .xz/.gz) files or directories (default: shipped corpus); "
                                 "or one run's data/ directory of token files, with that run's --tokenizer")
@@ -161,6 +166,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each block (GPU)")
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute blocks in backward")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    a("--profile-steps", type=int, help="torch.profiler over the last N steps: each rank's time per step in compute "
+                                         "and NCCL kernels goes into metrics.jsonl (default 0: off)")
     a("--dp-shard", type=int, help="under torchrun: data-parallel (FSDP2) ranks; -1 (default) = all processes")
     a("--pp", type=int, help="under torchrun: pipeline parallelism over this many ranks (layer ranges as stages; "
                              "world size = pp for now, MTP off)")

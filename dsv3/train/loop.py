@@ -29,7 +29,7 @@ from dsv3.train import parallel
 from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from dsv3.train.config import TrainConfig
 from dsv3.train.fp8 import apply_fp8
-from dsv3.train.metrics import MetricsLog, plot_run
+from dsv3.train.metrics import MetricsLog, plot_run, start_profile, time_breakdown
 from dsv3.train.objective import (max_violation, mtp_loss, next_token_loss, set_balance_loss,
                                   update_balance_bias)
 from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
@@ -49,6 +49,8 @@ class Trainer:
         if cfg.resume and not existing:
             raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
         self.arch = ModelConfig.from_json(cfg.init_from) if cfg.init_from else preset(cfg.preset)
+        if cfg.num_layers:
+            self.arch = self.arch.replace(num_hidden_layers=cfg.num_layers)
         self.layout = parallel.init(cfg, self.arch.n_routed_experts, cfg.mtp and self.arch.num_nextn_predict_layers > 0)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -132,9 +134,10 @@ class Trainer:
             model = load_model(cfg.init_from, device=self.device, dtype=dtype)  # its config.json wins
         else:
             mcfg = arch.with_vocab(max(self.tokenizer.vocab_size, cfg.model_vocab_size))
-            model = Transformer(mcfg if cfg.mtp else mcfg.replace(num_nextn_predict_layers=0))
-            model.init_weights(std=cfg.init_std)
-            model = model.to(self.device, dtype)
+            with self.device:  # initialised where it trains: seconds instead of minutes for billions of weights
+                model = Transformer(mcfg if cfg.mtp else mcfg.replace(num_nextn_predict_layers=0))
+                model.init_weights(std=cfg.init_std)
+            model = model.to(dtype=dtype)
         if model.config.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
                              f"{self.tokenizer.vocab_size} ids")
@@ -308,17 +311,24 @@ class Trainer:
                   f"{len(self.train_tokens):,} training tokens, batch {cfg.batch_size} x {cfg.seq_len} "
                   f"(accumulation {cfg.grad_accum}), {cfg.steps} steps on {self.device}{ranks}")
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not main)
-        last_eval, ckpt = None, None
+        last_eval, ckpt, prof, timing = None, None, None, None
+        cuda = self.device.type == "cuda"
         try:
             while self.step < cfg.steps:
+                if cfg.profile_steps and self.step == max(cfg.steps - cfg.profile_steps, 0):
+                    prof, t_prof, t_prof_step = start_profile(self.device), time.perf_counter(), self.step
                 t0 = time.perf_counter()
                 rec = self.train_step()
-                if self.device.type == "cuda":
+                if cuda:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 rec["tokens_per_s"] = tokens_per_step / dt
-                if self.device.type == "cuda":
+                if cuda:
                     rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / H100_BF16_FLOPS
+                if prof is not None:
+                    rec["profiled"] = True
+                    if self.step == cfg.steps:
+                        timing = time_breakdown(prof, cfg.steps - t_prof_step, time.perf_counter() - t_prof, cuda)
                 self.log.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:,.0f}",
                                 refresh=False)  # update() redraws, at most every 0.1 s
@@ -331,6 +341,7 @@ class Trainer:
                                   f"(ppl {last_eval['val_ppl']:.1f}; unigram {self.unigram:.4f})")
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     ckpt = self.save(last_eval)
+            self._log_ranks(timing)
         except KeyboardInterrupt:
             bar.close()
             if main:
@@ -344,6 +355,22 @@ class Trainer:
         plot = plot_run(self.run_dir) if main else None
         return {"step": self.step, "val_loss": last_eval and last_eval["val_loss"], "unigram_loss": self.unigram,
                 "checkpoint": str(ckpt / "model") if ckpt else None, "plot": str(plot)}
+
+
+    def _log_ranks(self, timing: dict | None) -> None:
+        """One record with every rank's peak memory (GPU: allocated by torch; CPU: the process's peak RSS) and,
+        with --profile-steps, its time breakdown."""
+        if self.device.type == "cuda":
+            mine = {"peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
+        else:
+            import resource
+            mine = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        mine.update(timing or {})
+        ranks = [mine]
+        if self.layout.distributed:
+            ranks = [None] * self.layout.world
+            torch.distributed.all_gather_object(ranks, mine)
+        self.log.write({"step": self.step, "ranks": ranks})
 
 
 def keep_freed_memory() -> None:

@@ -33,6 +33,35 @@ class MetricsLog:
             self.file.close()
 
 
+def start_profile(device):
+    """torch.profiler over the next steps: GPU kernels on CUDA, operators on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    prof = profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU])
+    prof.start()
+    return prof
+
+
+def time_breakdown(prof, steps: int, wall_s: float, cuda: bool) -> dict:
+    """Stop the profiler -> milliseconds per step: wall clock, compute kernels, NCCL send/recv kernels (expert
+    parallelism's all-to-all, the pipeline's stage-to-stage sends) and NCCL collectives (FSDP's all-gather and
+    reduce-scatter, all-reduce); busy = compute / wall, so 1 − busy is the time this GPU waited (launch gaps,
+    exposed communication, pipeline bubbles). On a CPU the same from operator self-times (approximate: gloo
+    works in threads of its own)."""
+    prof.stop()
+    ms = {"compute_ms": 0.0, "nccl_sendrecv_ms": 0.0, "nccl_collective_ms": 0.0}
+    for e in prof.key_averages():
+        t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps
+        name = e.key.lower()
+        if any(k in name for k in ("sendrecv", "alltoall", "all_to_all", "c10d::send", "c10d::recv")):
+            ms["nccl_sendrecv_ms"] += t
+        elif any(k in name for k in ("nccl", "c10d::", "gloo")):
+            ms["nccl_collective_ms"] += t
+        else:
+            ms["compute_ms"] += t
+    step_ms = wall_s * 1e3 / steps
+    return {"step_ms": step_ms, **ms, "busy": ms["compute_ms"] / step_ms}
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

@@ -122,32 +122,32 @@ def shard(model: torch.nn.Module, layout: Layout, device: torch.device) -> torch
                 # Each rank's loss is the mean over its own tokens, and an expert's gradient sums the rows of
                 # every rank of its EP group: divide by the world size, as one process over the whole batch.
                 m.set_gradient_divide_factor(float(layout.world))
-    for layer in model.mtp:  # the root calls an MTP module's final norm outside the module's forward
-        fully_shard(layer.shared_head.norm, mesh=mesh)
-    for block in (*model.layers, *model.mtp):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if layout.dp > 1:  # one data-parallel rank has nothing to shard or overlap: the root alone, one unit (each
+        # unit costs ~1 ms of CPU per all-gather and per reduce-scatter: 0.78x of the plain loop with per-block units)
+        for layer in model.mtp:  # the root calls an MTP module's final norm outside the module's forward
+            fully_shard(layer.shared_head.norm, mesh=mesh)
+        blocks = [*model.layers, *model.mtp]
+        for i, block in enumerate(blocks):  # the last block's weights are needed again at once by backward
+            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, reshard_after_forward=layout.dp > 1)
     return model
 
 
 def clip_grad_norm(params, max_norm: float, layout: Layout = Layout()) -> torch.Tensor:
-    """The global gradient norm, clipped to max_norm. Under expert parallelism sharded gradients live on two
-    meshes (the experts' and everyone's), which torch's clip cannot stack, and pipeline ranks hold disjoint
-    parameters: norm per mesh, then the squares summed over meshes and pipeline ranks."""
-    by_mesh = {}
-    for p in params:
-        if p.grad is not None:
-            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
-    if len(by_mesh) < 2 and layout.pp == 1:
-        norm = torch.nn.utils.clip_grad_norm_([p for group in by_mesh.values() for p in group], max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # the norm over every rank's shards
-    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in by_mesh.values()]
-    squares = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).float().pow(2).sum()
-    if layout.pp > 1:
+    """The global gradient norm, clipped to max_norm. Every gradient element lives on exactly one rank (FSDP and
+    expert shards, pipeline stages), so the squares of the local shards summed over all ranks are the square of
+    the global norm: one all-reduce on plain local tensors (DTensor ops cost ~1 ms of CPU each)."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+    squares = torch.nn.utils.get_total_norm(grads).float().pow(2)
+    if layout.distributed:
         dist.all_reduce(squares)
     total = squares.sqrt()
-    for group in by_mesh.values():  # one coefficient for all, applied mesh by mesh
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    by_dtype = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        torch._foreach_mul_(group, coef.to(group[0].dtype))
     return total
 
 
