@@ -1,6 +1,7 @@
-"""Data-, expert- and pipeline-parallel training (FSDP2, all-to-all, 1F1B / DualPipeV; gloo on the CPU) against one
-process on the same global batch: `torchrun --nproc-per-node 2 -m dsv3 train [--ep 2 | --pp 2]` must give the
-same losses, gradient norms, balance biases and weights, and its sharded checkpoint must resume in one process.
+"""Data-, expert- and pipeline-parallel training (FSDP2, all-to-all, 1F1B / DualPipeV, and pipeline stages sharded
+over data-parallel ranks; gloo on the CPU, 2 and 4 processes) against one process on the same global batch:
+`torchrun --nproc-per-node N -m dsv3 train [--ep E] [--pp P]` must give the same losses (MTP's too), gradient
+norms, balance biases and weights, and its sharded checkpoint must resume in one process.
 
 The learning rate is small so that the comparison measures the gradients: the two runs sum the same terms in a
 different order, and at lr 3e-3 on this tiny MoE the 1e-6 differences grow step by step (Adam's early updates
@@ -46,20 +47,20 @@ def runs(tmp_path_factory):
     one = train("one", 0, "--steps", "6")
     assert one.returncode == 0, one.stderr[-3000:]
     tok = ["--tokenizer", str(root / "one" / "tokenizer")]
-    two = train("two", 2, "--steps", "6", *tok)
-    assert two.returncode == 0, two.stderr[-3000:]
-    ep = train("ep", 2, "--steps", "6", "--ep", "2", *tok)
-    assert ep.returncode == 0, ep.stderr[-3000:]
-    for name, args in (("one-nomtp", (0,)), ("pp-1f1b", (2, "--pp", "2")),
-                       ("pp-dualpipev", (2, "--pp", "2", "--pp-schedule", "dualpipev"))):
-        r = train(name, args[0], "--steps", "6", "--no-mtp", *args[1:], *tok)
-        assert r.returncode == 0, r.stderr[-3000:]
-    # The sharded step-4 checkpoints of the 2-rank runs (data, and expert parallel), continued by 1 process.
+    runs = {"two": (2,), "ep": (2, "--ep", "2"), "one-doc": (0, "--doc-mask"),
+            "one-mb8": (0, "--micro-batch-size", "8"), "pp-1f1b": (2, "--pp", "2"),
+            "pp-dualpipev": (2, "--pp", "2", "--pp-schedule", "dualpipev", "--doc-mask"),
+            "pp-dp": (4, "--pp", "2"), "pp-ep-dualpipev": (4, "--pp", "2", "--ep", "2", "--pp-schedule", "dualpipev",
+                                "--micro-batch-size", "8")}  # 4 sequences per rank: one per stage of the V
+    for name, (nproc, *extra) in runs.items():
+        r = train(name, nproc, "--steps", "6", *extra, *tok)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    # The sharded step-4 checkpoints of multi-rank runs (data, expert, pipeline parallel), continued by 1 process.
     for run in ("two", "ep", "pp-dualpipev"):
         shutil.copytree(root / run, root / f"{run}-resumed")
         shutil.rmtree(root / f"{run}-resumed" / "checkpoints" / "step_0000006")
         resumed = train(f"{run}-resumed", 1, "--steps", "6", "--resume", "--ep", "1", "--pp", "1",
-                        *tok)  # FSDP on 1 rank
+                        *[a for a in runs[run] if a == "--doc-mask"], *tok)  # FSDP on 1 rank
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     bad = train("bad", 2, "--steps", "1", "--dp-shard", "3", *tok)
     return root, bad
@@ -97,25 +98,27 @@ def test_expert_parallel_ranks_train_like_one_process(runs):
     _same_run(root / "ep", root / "one", rel=1e-5)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
-def test_pipeline_ranks_train_like_one_process(runs, schedule):
+@pytest.mark.parametrize("run, ref", [("pp-1f1b", "one"), ("pp-dualpipev", "one-doc"), ("pp-dp", "one"),
+                                      ("pp-ep-dualpipev", "one-mb8")])
+def test_pipeline_ranks_train_like_one_process(runs, run, ref):
+    """2 stages (1F1B), 4 stages in a V (DualPipeV, with document masks), and 2 stages each sharded over 2
+    data-parallel ranks (FSDP2; with experts split over them under DualPipeV), MTP on the last stage."""
     root, _ = runs
-    _same_run(root / f"pp-{schedule}", root / "one-nomtp", rel=1e-5,
-              keys=("loss", "balance_loss", "grad_norm", "maxvio"))
+    _same_run(root / run, root / ref, rel=1e-5)
 
 
 @pytest.mark.parametrize("run", ["two", "ep", "pp-dualpipev"])
 def test_sharded_checkpoint_resumes_in_one_process(runs, run):
     root, _ = runs
     assert sorted(p.name for p in (root / run / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000006"]
-    ref = "one-nomtp" if run.startswith("pp") else "one"
+    ref = "one-doc" if run == "pp-dualpipev" else "one"
     _same_run(root / f"{run}-resumed", root / ref, rel=1e-5, keys=("loss", "grad_norm"))
 
 
 def test_bad_layout_is_one_clear_error(runs):
     _, bad = runs
     assert bad.returncode != 0
-    assert "--dp-shard 3 does not fit the world size 2" in bad.stderr
+    assert "--dp-shard 3 does not fit 2 processes with --pp 1" in bad.stderr
     assert bad.stderr.count("does not fit") == 1  # rank 0 says it; the other exits quietly
 
 
@@ -193,9 +196,16 @@ def test_layout_errors_name_what_is_wrong():
     from dsv3.train.parallel import layout_errors
     assert layout_errors(TrainConfig(batch_size=8), 4, 8) == []
     assert layout_errors(TrainConfig(batch_size=8, ep=4), 4, 8) == []
-    assert "--ep 3 does not divide the world size 4" in layout_errors(TrainConfig(batch_size=8, ep=3), 4, 8)[0]
+    assert layout_errors(TrainConfig(batch_size=8, pp=2, ep=2), 4, 8) == []  # 2 stages x 2 data-parallel ranks
+    assert "--ep 3 does not divide the 4 data-parallel ranks" in layout_errors(TrainConfig(batch_size=8, ep=3), 4,
+                                                                              8)[0]
+    assert "--ep 4 does not divide the 2 data-parallel ranks (world size 4 / --pp 2)" in layout_errors(
+        TrainConfig(batch_size=8, pp=2, ep=4), 4, 8)[0]
     assert "n_routed_experts=6" in layout_errors(TrainConfig(batch_size=8, ep=4), 4, 6)[0]
-    assert "multiples of dp-shard=4" in layout_errors(TrainConfig(batch_size=6), 4, 8)[0]
+    assert "multiples of the 4 data-parallel ranks" in layout_errors(TrainConfig(batch_size=6), 4, 8)[0]
+    assert "--pp 3 does not divide the world size 4" in layout_errors(TrainConfig(batch_size=8, pp=3), 4, 8)[0]
+    assert "4 sequences of a micro-batch must split into 8 pipeline micro-batches" in layout_errors(
+        TrainConfig(batch_size=8, pp=2, pp_microbatches=8), 4, 8)[0]
     assert "--fp8-experts" in layout_errors(TrainConfig(batch_size=8, ep=2, precision="fp8", fp8_experts=True),
                                             2, 8)[0]
 
@@ -205,25 +215,29 @@ def _pp_worker(rank: int, init_file: str, schedule: str):
 
     from dsv3.config import preset
     from dsv3.model import Transformer
-    from dsv3.train.objective import next_token_loss, set_balance_loss
+    from dsv3.train.objective import mtp_loss, next_token_loss, set_balance_loss
     from dsv3.train.pipeline import build_schedule
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    cfg = preset("tiny").replace(num_nextn_predict_layers=0)
+    cfg = preset("tiny")  # with one MTP module, on the last stage
     model = Transformer(cfg)
     model.init_weights(std=0.02)
     ids = torch.randint(cfg.vocab_size, (8, 33), generator=torch.Generator().manual_seed(1))
     inputs, labels = ids[:, :-1], ids[:, 1:]
+
+    def loss_fn(out, target):  # main + 0.3 MTP, as the trainer's
+        return next_token_loss(out[0], target) + 0.3 * mtp_loss(list(out[1:]), target)
+
     # One process over the whole batch: the reference loss, gradients and expert loads.
     set_balance_loss(model, 1e-2)
-    out = model(inputs)
-    ref_loss = next_token_loss(out.logits, labels)
+    out = model(inputs, mtp=True)
+    ref_loss = next_token_loss(out.logits, labels) + 0.3 * mtp_loss(out.mtp_logits, labels)
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     ref_counts = out.expert_counts
     model.zero_grad()
     # The same model cut into stages; 4 micro-batches of 2 sequences.
-    sched, stages = build_schedule(model, rank, 2, 4, next_token_loss, schedule, torch.device("cpu"))
+    sched, stages = build_schedule(model, rank, 2, 4, loss_fn, schedule, torch.device("cpu"))
     holds = {n for m in stages for n, _ in m.named_parameters()}
     first, last = rank == 0, rank == 1 if schedule == "1f1b" else rank == 0
     losses = []
@@ -232,13 +246,12 @@ def _pp_worker(rank: int, init_file: str, schedule: str):
         assert torch.stack(losses).mean().item() == pytest.approx(ref_loss.item(), rel=1e-6)
     names = dict(model.named_parameters())
     for m in stages:
-        for n, p in m.named_parameters():
+        for n, p in m.named_parameters():  # the embedding: the main path's and MTP's gradients, summed
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
-        # layer-wise loads summed over the micro-batches = the loads of the whole batch
-        moe_layers = [int(i) for i, layer in m.layers.items() if hasattr(layer.mlp, "gate")]
+        # layer-wise loads summed over the micro-batches = the loads of the whole batch (MTP's in the last row)
         got = m.take_loads(4)[0]
-        for row, i in enumerate(moe_layers):
-            assert torch.equal(got[row], ref_counts[i - cfg.first_k_dense_replace]), i
+        for row, i in enumerate(m.moe_rows):
+            assert torch.equal(got[row], ref_counts[i]), i
     assert holds and all(n in names for n in holds)
     sizes = [torch.tensor(len(holds))]
     dist.all_reduce(sizes[0])
@@ -261,9 +274,6 @@ def test_pipeline_stage_bounds_and_errors():
     with pytest.raises(ValueError, match="3 layers cannot fill 4 pipeline stages"):
         stage_bounds(3, 4)
     model = Transformer(preset("tiny"))
-    with pytest.raises(ValueError, match="does not carry MTP"):
-        build_schedule(model, 0, 2, 4, None, "1f1b", torch.device("cpu"))
-    model = Transformer(preset("tiny").replace(num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="2 micro-batches for 4 stages"):
         build_schedule(model, 0, 2, 2, None, "dualpipev", torch.device("cpu"))
     with pytest.raises(ValueError, match="expected 1f1b or dualpipev"):

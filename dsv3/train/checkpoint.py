@@ -63,10 +63,12 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, opt, manifest:
             warnings.filterwarnings("ignore", message=".*single process")
             dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, checkpoint_id=str(tmp / "state"))
         if layout.distributed:  # the export needs whole tensors: gather them to rank 0 (on the CPU)
-            if layout.pp > 1:  # disjoint stages: every rank's own part
+            if layout.pp > 1:  # disjoint stages, each (sharded or not) over its data-parallel ranks
+                own = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+                       for k, v in model.state_dict().items()}
                 parts = [None] * layout.world
-                torch.distributed.gather_object({k: v.cpu() for k, v in model.state_dict().items()},
-                                                parts if layout.main else None, dst=0)
+                torch.distributed.gather_object(own if layout.dp_rank == 0 else {}, parts if layout.main else None,
+                                                dst=0)
                 full = {k: v for part in parts for k, v in part.items()} if layout.main else {}
             else:
                 full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -68,7 +68,7 @@ class TrainConfig:
     # parallelism (torchrun): data-parallel shards; -1 = every process
     dp_shard: int = -1
     ep: int = 1  # expert-parallel group size: routed experts split over this many consecutive ranks
-    pp: int = 1  # pipeline stages' ranks (pure pipeline for now: world size = pp)
+    pp: int = 1  # pipeline stages' ranks; world / pp data-parallel ranks per stage
     pp_schedule: str = "1f1b"
     pp_microbatches: int = 0  # per micro-batch; 0: as many as stages
 
@@ -169,8 +169,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--profile-steps", type=int, help="torch.profiler over the last N steps: each rank's time per step in compute "
                                          "and NCCL kernels goes into metrics.jsonl (default 0: off)")
     a("--dp-shard", type=int, help="under torchrun: data-parallel (FSDP2) ranks; -1 (default) = all processes")
-    a("--pp", type=int, help="under torchrun: pipeline parallelism over this many ranks (layer ranges as stages; "
-                             "world size = pp for now, MTP off)")
+    a("--pp", type=int, help="under torchrun: pipeline stages' ranks (layer ranges as stages); the world size over "
+                             "pp is the data-parallel size of each stage (default 1)")
     a("--pp-schedule", choices=("1f1b", "dualpipev"), help="pipeline schedule (default 1f1b; dualpipev: DeepSeek-V3's "
                                                           "bidirectional schedule, two stages per rank)")
     a("--pp-microbatches", type=int, help="pipeline micro-batches per micro-batch (default: the number of stages)")

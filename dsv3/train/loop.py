@@ -23,7 +23,6 @@ from dsv3.data.tokens import build_token_files, is_token_dir, open_token_files, 
 from dsv3.info import model_stats
 from dsv3.io import load_model
 from dsv3.model import Transformer
-from dsv3.model.moe import MoE
 from dsv3.tokenizer import Tokenizer
 from dsv3.train import parallel
 from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
@@ -51,7 +50,7 @@ class Trainer:
         self.arch = ModelConfig.from_json(cfg.init_from) if cfg.init_from else preset(cfg.preset)
         if cfg.num_layers:
             self.arch = self.arch.replace(num_hidden_layers=cfg.num_layers)
-        self.layout = parallel.init(cfg, self.arch.n_routed_experts, cfg.mtp and self.arch.num_nextn_predict_layers > 0)
+        self.layout = parallel.init(cfg, self.arch.n_routed_experts)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
@@ -72,10 +71,11 @@ class Trainer:
             parallel.barrier(self.layout)
         self.unigram = unigram_loss(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
         self.model = self._model()
+        mesh = parallel.meshes(self.layout, self.device.type) if self.layout.distributed else None
         if self.layout.pp > 1:
-            self._pipeline()
+            self._pipeline(mesh)
         elif self.layout.distributed:
-            parallel.shard(self.model, self.layout, self.device)
+            parallel.shard(self.model, self.layout, mesh)
         self.opt = build_optimizer(self.model, cfg)
         mb = cfg.micro_batch_size or cfg.batch_size
         self.loader = PackedLoader(self.train_tokens, cfg.seq_len, mb, cfg.seed, self.tokenizer.bos_id)
@@ -154,17 +154,20 @@ class Trainer:
                 block.compile()
         return model.train()
 
-    def _pipeline(self) -> None:
-        """Cut the model into this rank's stages and drop the modules other ranks hold (dsv3.train.pipeline)."""
+    def _pipeline(self, mesh: dict) -> None:
+        """Cut the model into this rank's stages, shard each over its data-parallel ranks, and drop the modules
+        other ranks hold (dsv3.train.pipeline)."""
         cfg, lay = self.cfg, self.layout
         # The whole step's batch goes through one schedule step, as (micro-batches x pipeline micro-batches)
         # chunks: the schedule scales the summed gradients once (a second step() would scale the first's again).
         self.n_mb = pipeline_microbatches(cfg) * cfg.grad_accum
-        self.schedule, self.stages = build_schedule(self.model, lay.rank, lay.pp, self.n_mb, next_token_loss,
-                                                    cfg.pp_schedule, self.device)
+        self.pp_group = mesh["pp"]
+        self.pp_losses = []  # (main, MTP) per pipeline micro-batch, for the log
+        self._n_moe_rows = len(self.model.moe_layers())
+        self.schedule, self.stages = build_schedule(
+            self.model, lay.pp_rank, lay.pp, self.n_mb, self._pipeline_loss, cfg.pp_schedule, self.device,
+            mesh["pp"], cfg.doc_mask, wrap=(lambda m: parallel.shard(m, lay, mesh)) if lay.dp > 1 else None)
         owned = {int(i) for m in self.stages for i in m.layers}
-        moe = [i for i, block in enumerate(self.model.layers) if isinstance(block.mlp, MoE)]
-        self.moe_rows = {i: row for row, i in enumerate(moe)}  # layer -> row of the model's expert-load table
         for i in range(len(self.model.layers)):
             if i not in owned:
                 self.model.layers[i] = torch.nn.Identity()
@@ -174,14 +177,19 @@ class Trainer:
             self.model.embed_tokens = None
         if not self.last:
             self.model.norm = self.model.lm_head = None
+            self.model.mtp = torch.nn.ModuleList()
 
-    def _pipeline_pass(self, batch: Batch) -> torch.Tensor | None:
-        """The step's batch through the schedule; -> its mean loss on the last stage's rank, None elsewhere."""
-        losses = []
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            self.schedule.step(*([batch.input_ids] if self.first else []),
-                               **({"target": batch.labels, "losses": losses} if self.last else {}))
-        return torch.stack(losses).mean().detach() if losses else None
+    def _pipeline_loss(self, out, labels: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss_fn on the last stage: next-token loss, plus λ · MTP loss when the stage returns MTP
+        logits too."""
+        logits, mtp_logits = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
+        main = next_token_loss(logits, labels)
+        extra = mtp_loss(mtp_logits, labels) if mtp_logits else None
+        self.pp_losses.append((main.detach(), extra.detach() if extra is not None else None))
+        return main + self.mtp_lam * extra if extra is not None else main
+
+    def _pipeline_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        return (batch.input_ids, batch.doc_ids) if self.cfg.doc_mask else (batch.input_ids,)
 
     # ---- one optimizer step ------------------------------------------------------------------------------
     def _forward_loss(self, batch, lam: float):
@@ -201,6 +209,7 @@ class Trainer:
         alpha = {"bias": cfg.seq_aux_alpha, "aux": cfg.aux_alpha, "none": 0.0}[self.balance]
         # Under a pipeline the schedule averages over all its chunks itself: the coefficient stays α.
         set_balance_loss(self.model, alpha / (accum if self.layout.pp == 1 else 1))
+        self.mtp_lam = lam
         sums, counts = self._pipeline_accumulate() if self.layout.pp > 1 else self._accumulate(lam)
         grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.layout)
         self.opt.step()
@@ -208,7 +217,7 @@ class Trainer:
         self.step += 1
         rec = {"step": self.step, "lr": lr, "grad_norm": float(grad_norm)}
         rec.update({k: float(v) for k, v in sums.items() if torch.is_tensor(v)})
-        if len(self.model.mtp):
+        if self.model.config.num_nextn_predict_layers:
             rec["mtp_lambda"] = lam
         if counts is not None:
             rec["maxvio"] = [round(v, 4) for v in max_violation(counts).tolist()]
@@ -240,39 +249,46 @@ class Trainer:
         return sums, counts
 
     def _pipeline_accumulate(self) -> tuple[dict, torch.Tensor | None]:
-        """The step's whole batch through the pipeline schedule. The loss lives on the last stage's rank; each
-        stage moves its own layers' balance biases and fills their rows of the model's load table."""
-        cfg = self.cfg
+        """This rank's slice of the step's batch through its pipeline's schedule. The losses live on the last
+        stage's ranks; each stage fills its rows of the model's load table, summed over all ranks (stages and
+        data-parallel slices), and moves its layers' balance biases by the global loads."""
+        cfg, lay = self.cfg, self.layout
         parts = [self.loader.next_batch() for _ in range(cfg.grad_accum)]
-        batch = Batch(*(torch.cat([getattr(b, f) for b in parts]) for f in ("input_ids", "labels", "doc_ids")))
-        loss = self._pipeline_pass(batch.to(self.device))
-        sums = {"loss": loss if loss is not None else 0.0, "balance_loss": 0.0}
-        table = torch.zeros(len(self.moe_rows), self.arch.n_routed_experts, device=self.device, dtype=torch.int64)
+        batch = self._mine(Batch(*(torch.cat([getattr(b, f) for b in parts])
+                                   for f in ("input_ids", "labels", "doc_ids"))))
+        self.pp_losses.clear()
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            self.schedule.step(*(self._pipeline_inputs(batch) if self.first else ()),
+                               **({"target": batch.labels} if self.last else {}))
+        keys = ("loss", "balance_loss", "mtp_loss") if self.model.config.num_nextn_predict_layers else ("loss",
+                                                                                                   "balance_loss")
+        sums = {k: torch.zeros((), device=self.device) for k in keys}  # all_sum works in place: one tensor each
+        mine = self.pp_losses[-self.n_mb:]
+        if mine:  # the last stage's ranks: the mean over the pipeline micro-batches
+            sums["loss"] = torch.stack([m for m, _ in mine]).mean()
+            if "mtp_loss" in sums:
+                sums["mtp_loss"] = torch.stack([x for _, x in mine]).mean()
+        table = torch.zeros(self._n_moe_rows, self.arch.n_routed_experts, device=self.device, dtype=torch.int64)
         for stage in self.stages:
             loads, bal = stage.take_loads(self.n_mb)
-            if loads is None:
-                continue
-            table[[self.moe_rows[i] for i in stage.moe_ids]] = loads
-            sums["balance_loss"] += bal if bal is not None else 0.0
-            if self.balance == "bias":
-                update_balance_bias(stage, loads, cfg.bias_update_rate)
-        sums = {k: parallel.all_sum(torch.as_tensor(v, device=self.device, dtype=torch.float32), self.layout)
-                for k, v in sums.items()}
-        return sums, parallel.all_sum(table, self.layout) if len(self.moe_rows) else None
+            if loads is not None:
+                table[stage.moe_rows] = loads
+                sums["balance_loss"] = sums["balance_loss"] + (bal if bal is not None else 0.0)
+        sums = {k: parallel.all_sum(v.float(), lay) / lay.dp for k, v in sums.items()}
+        if not self._n_moe_rows:
+            return sums, None
+        table = parallel.all_sum(table, lay)
+        if self.balance == "bias":
+            for stage in self.stages:
+                if stage.moe_rows:
+                    update_balance_bias(stage, table[stage.moe_rows], cfg.bias_update_rate)
+        return sums, table
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
         losses = []
         for batch in self.val_loader.eval_batches(self.cfg.eval_batches):
-            if self.layout.pp > 1:  # the loss only on the last stage's rank (0 elsewhere: all_sum below)
-                batch = batch.to(self.device)
-                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                    logits = forward_only(self.stages, batch.input_ids, self.layout.rank, self.layout.pp,
-                                          self.cfg.pp_schedule)
-                losses.append(next_token_loss(logits, batch.labels).float() if logits is not None
-                              else torch.zeros((), device=self.device))
-                continue
             if len(batch.input_ids) % self.layout.dp:  # a short last batch: keep what every rank can share
                 keep = len(batch.input_ids) // self.layout.dp * self.layout.dp
                 if not keep:
@@ -280,10 +296,16 @@ class Trainer:
                 batch = Batch(batch.input_ids[:keep], batch.labels[:keep], batch.doc_ids[:keep])
             batch = self._mine(batch)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                out = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None)
-            losses.append(next_token_loss(out.logits, batch.labels).float())
+                if self.layout.pp > 1:  # the logits only on the last stage's ranks (a 0 elsewhere: all_sum below)
+                    out = forward_only(self.stages, self._pipeline_inputs(batch), self.layout.pp_rank,
+                                       self.layout.pp, self.cfg.pp_schedule, self.pp_group)
+                    logits = out[0] if isinstance(out, tuple) else out
+                else:
+                    logits = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None).logits
+            losses.append(next_token_loss(logits, batch.labels).float() if logits is not None
+                          else torch.zeros((), device=self.device))
         self.model.train()
-        val = (parallel.all_sum(torch.stack(losses).mean(), self.layout) / self.layout.dp).item()  # pp: last stage
+        val = (parallel.all_sum(torch.stack(losses).mean(), self.layout) / self.layout.dp).item()
         return {"step": self.step, "val_loss": val, "val_ppl": math.exp(val), "unigram_loss": self.unigram}
 
     def _mine(self, batch: Batch) -> Batch:

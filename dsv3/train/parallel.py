@@ -2,7 +2,8 @@
 
 Data parallelism with FSDP2 (`fully_shard` per block, then the root) and expert parallelism (`--ep`: routed
 experts split over groups of consecutive ranks, all-to-all dispatch and combine; `EPExperts`), NCCL on GPUs and
-gloo on CPUs. Pipeline parallelism (`--pp`) lives in dsv3/train/pipeline.py; for now it runs alone.
+gloo on CPUs. Pipeline parallelism (`--pp`, dsv3/train/pipeline.py) combines with both: each stage is sharded
+over its data-parallel ranks.
 `--batch-size` is the global batch: every rank reads the same global micro-batch from the loader (the order a
 single process would see) and trains on its 1/dp slice, so one command trains on the same data whatever the
 layout, and the run equals the single-process one up to float rounding (tests/test_parallel.py). The model code
@@ -27,13 +28,16 @@ from dsv3.train.pipeline import pipeline_microbatches
 
 @dataclass(frozen=True)
 class Layout:
+    """Where this process sits. Ranks are laid out pp-major: rank = pp_rank · dp + dp_rank, and an expert-parallel
+    group is `ep` consecutive data-parallel ranks of one pipeline stage."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    dp: int = 1
+    dp: int = 1  # data-parallel ranks per pipeline stage (world / pp)
     dp_rank: int = 0
     ep: int = 1
     pp: int = 1
+    pp_rank: int = 0
     distributed: bool = False  # launched by torchrun: the parallel code path, even with one process
 
     @property
@@ -46,31 +50,24 @@ class Layout:
         return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
 
 
-def layout_errors(cfg, world: int, n_experts: int, mtp: bool = False) -> list[str]:
-    if cfg.pp > 1:
-        errors = []
-        if world != cfg.pp or cfg.ep > 1 or cfg.dp_shard not in (-1, 1):
-            errors.append(f"--pp {cfg.pp} needs exactly {cfg.pp} processes and no --ep / --dp-shard for now "
-                          f"(world size {world}): pipeline with data or expert parallelism comes later")
-        if mtp:
-            errors.append("--pp does not carry MTP yet: add --no-mtp")
-        if cfg.doc_mask:
-            errors.append("--pp does not pass document masks between stages yet: drop --doc-mask")
-        n_mb = pipeline_microbatches(cfg)
-        if (cfg.micro_batch_size or cfg.batch_size) % n_mb:
-            errors.append(f"the micro-batch ({cfg.micro_batch_size or cfg.batch_size} sequences) must split into "
-                          f"{n_mb} pipeline micro-batches")
-        return errors
-    dp = world if cfg.dp_shard == -1 else cfg.dp_shard
+def layout_errors(cfg, world: int, n_experts: int) -> list[str]:
     errors = []
-    if dp < 1 or world % dp or dp != world:
-        errors.append(f"--dp-shard {cfg.dp_shard} does not fit the world size {world} (every process is a data-"
-                      "parallel rank: dp-shard must be -1 or the number of processes)")
-    elif cfg.batch_size % dp or (cfg.micro_batch_size or cfg.batch_size) % dp:
+    if cfg.pp < 1 or world % cfg.pp:
+        return [f"--pp {cfg.pp} does not divide the world size {world}"]
+    dp = world // cfg.pp
+    mb = cfg.micro_batch_size or cfg.batch_size
+    if cfg.dp_shard not in (-1, dp):
+        errors.append(f"--dp-shard {cfg.dp_shard} does not fit {world} processes with --pp {cfg.pp} (every process "
+                      f"of a pipeline stage is a data-parallel rank: dp-shard must be -1 or {dp})")
+    elif cfg.batch_size % dp or mb % dp:
         errors.append(f"--batch-size {cfg.batch_size} and --micro-batch-size {cfg.micro_batch_size} (global) must "
-                      f"be multiples of dp-shard={dp}")
-    if cfg.ep < 1 or world % cfg.ep:
-        errors.append(f"--ep {cfg.ep} does not divide the world size {world}")
+                      f"be multiples of the {dp} data-parallel ranks")
+    elif cfg.pp > 1 and (mb // dp) % pipeline_microbatches(cfg):
+        errors.append(f"each data-parallel rank's {mb // dp} sequences of a micro-batch must split into "
+                      f"{pipeline_microbatches(cfg)} pipeline micro-batches")
+    if cfg.ep < 1 or dp % cfg.ep:
+        errors.append(f"--ep {cfg.ep} does not divide the {dp} data-parallel ranks (world size {world}"
+                      f"{f' / --pp {cfg.pp}' if cfg.pp > 1 else ''})")
     elif n_experts % cfg.ep:
         errors.append(f"--ep {cfg.ep} does not divide the model's n_routed_experts={n_experts}")
     if cfg.ep > 1 and cfg.precision == "fp8" and cfg.fp8_experts:
@@ -78,12 +75,12 @@ def layout_errors(cfg, world: int, n_experts: int, mtp: bool = False) -> list[st
     return errors
 
 
-def init(cfg, n_experts: int, mtp: bool = False) -> Layout:
+def init(cfg, n_experts: int) -> Layout:
     """Read torchrun's environment, check the layout (one clear error on rank 0 before any work), join the
     process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    errors = layout_errors(cfg, world, n_experts, mtp)
+    errors = layout_errors(cfg, world, n_experts)
     if errors:
         if rank:
             sys.exit(1)
@@ -96,40 +93,58 @@ def init(cfg, n_experts: int, mtp: bool = False) -> Layout:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    if cfg.pp > 1:
-        return Layout(rank=rank, world=world, local_rank=local, pp=cfg.pp, distributed=True)
-    return Layout(rank=rank, world=world, local_rank=local, dp=world, dp_rank=rank, ep=cfg.ep, distributed=True)
+    dp = world // cfg.pp
+    return Layout(rank=rank, world=world, local_rank=local, dp=dp, dp_rank=rank % dp, ep=cfg.ep, pp=cfg.pp,
+                  pp_rank=rank // dp, distributed=True)
 
 
-def shard(model: torch.nn.Module, layout: Layout, device: torch.device) -> torch.nn.Module:
-    """Expert parallelism first (routed experts split over groups of `ep` consecutive ranks), then FSDP2: the
-    experts over the ranks that hold the same experts, each decoder block (and MTP module) over all ranks, then
-    the root (embedding, norm, head)."""
+def meshes(layout: Layout, device_type: str) -> dict:
+    """'dp': the 1-D mesh of this stage's data-parallel ranks (FSDP2); 'ep': with --ep, the 2-D (dp_replicate,
+    ep) mesh of the same ranks (experts split over 'ep', replicated over 'dp_replicate'); 'pp': with --pp, the
+    process group of this rank's pipeline."""
     from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device_type, (layout.pp, layout.dp), mesh_dim_names=("pp", "dp"))
+    ep = init_device_mesh(device_type, (layout.pp, layout.dp // layout.ep, layout.ep),
+                          mesh_dim_names=("pp", "dp_replicate", "ep")) if layout.ep > 1 else None
+    return {"dp": mesh["dp"], "ep": ep["dp_replicate", "ep"] if ep else None,
+            "pp": mesh["pp"].get_group() if layout.pp > 1 else None}
+
+
+def shard(model: torch.nn.Module, layout: Layout, mesh: dict) -> torch.nn.Module:
+    """Expert parallelism first (routed experts split over groups of `ep` consecutive ranks), then FSDP2: the
+    experts over the ranks that hold the same experts, each decoder block (and MTP module) over the data-parallel
+    ranks, then the root (the whole model, or one pipeline stage: embedding, norm, head)."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-    mesh = init_device_mesh(device.type, (layout.dp,), mesh_dim_names=("dp_shard",))
-    if layout.ep > 1:
-        mesh2 = init_device_mesh(device.type, (layout.world // layout.ep, layout.ep),
-                                 mesh_dim_names=("dp_replicate", "ep"))
+    # A pipeline stage keeps its weights gathered from forward to backward (as torchtitan does): its micro-batches
+    # would gather them again each time, and under DualPipeV (torch 2.13) units resharded after forward in the
+    # last stage got wrong gradients. The last block's weights are needed again at once by backward anyway.
+    keep = layout.pp > 1
+    if mesh["ep"] is not None:
         for m in model.modules():
             if type(m) is Experts:
                 for name in ("gate_up_proj", "down_proj"):  # DTensors over the EP ranks: checkpoints see all E
                     full = getattr(m, name).detach()
-                    setattr(m, name, torch.nn.Parameter(distribute_tensor(full, mesh2["ep"], [Shard(0)])))
-                m.__class__, m.ep, m.group = EPExperts, layout.ep, mesh2["ep"].get_group()
-                fully_shard(m, mesh=mesh2["dp_replicate"])
+                    setattr(m, name, torch.nn.Parameter(distribute_tensor(full, mesh["ep"]["ep"], [Shard(0)])))
+                m.__class__, m.ep, m.group = EPExperts, layout.ep, mesh["ep"]["ep"].get_group()
+                fully_shard(m, mesh=mesh["ep"]["dp_replicate"], reshard_after_forward=not keep)
                 # Each rank's loss is the mean over its own tokens, and an expert's gradient sums the rows of
-                # every rank of its EP group: divide by the world size, as one process over the whole batch.
-                m.set_gradient_divide_factor(float(layout.world))
+                # every rank of its EP group: divide by the data-parallel size, as one process over the batch.
+                m.set_gradient_divide_factor(float(layout.dp))
     if layout.dp > 1:  # one data-parallel rank has nothing to shard or overlap: the root alone, one unit (each
         # unit costs ~1 ms of CPU per all-gather and per reduce-scatter: 0.78x of the plain loop with per-block units)
         for layer in model.mtp:  # the root calls an MTP module's final norm outside the module's forward
-            fully_shard(layer.shared_head.norm, mesh=mesh)
-        blocks = [*model.layers, *model.mtp]
-        for i, block in enumerate(blocks):  # the last block's weights are needed again at once by backward
-            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, reshard_after_forward=layout.dp > 1)
+            fully_shard(layer.shared_head.norm, mesh=mesh["dp"], reshard_after_forward=not keep)
+        layers = model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers
+        blocks = [*layers, *model.mtp]
+        for i, block in enumerate(blocks):
+            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=not keep and i < len(blocks) - 1)
+        for name in ("embed_tokens", "norm", "lm_head"):  # units of their own, not the root's: under DualPipeV
+            # the root's own gradients missed a micro-batch (torch 2.13), a sub-module's do not
+            if getattr(model, name, None) is not None:
+                fully_shard(getattr(model, name), mesh=mesh["dp"],
+                            reshard_after_forward=not keep and name == "embed_tokens")
+    fully_shard(model, mesh=mesh["dp"], reshard_after_forward=False)
     return model
 
 
