@@ -157,6 +157,10 @@ def _ep_worker(rank: int, init_file: str):
     assert shard_experts(torch.nn.ModuleList([ep]), EP_RANKS, rank) == 1
     mine = slice(rank * N, (rank + 1) * N)
     y, dx, dw, counts = run(ep, x[mine], w[mine], idx[mine])
+    # Node-limited dispatch: each token once per rank holding any of its 3 experts (rank 0's first 20 tokens have
+    # all three on rank 0: one row each, not three).
+    assert ep.rows_sent == len({(t, int(e) // 4) for t, row in enumerate(idx[mine]) for e in row})
+    assert rank or ep.rows_sent <= 2 * N - 20
     experts = slice(rank * 4, (rank + 1) * 4)
     torch.testing.assert_close(y, y_ref[mine], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dx, dx_ref[mine], rtol=1e-12, atol=1e-12)

@@ -111,7 +111,7 @@ class Experts(nn.Module):
         y_sorted = self.ffn(x_ND[order // K], w_NK.flatten()[order], counts_E.cumsum(0).to(torch.int32))
         y_NKD = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(N, K, -1)
         # Sum over each token's K experts with fp32 accumulation; a fixed order keeps it deterministic.
-        return y_NKD.sum(1, dtype=torch.float32).to(x_ND.dtype), counts_E
+        return y_NKD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
 
 
     def ffn(self, x_sorted, w_sorted, offs, gate_up_proj=None, down_proj=None):
@@ -124,6 +124,11 @@ class Experts(nn.Module):
         # fuses into the SwiGLU elementwise instead of a pass over the (N·K, D) output.
         h = F.silu(gate) * up * w_sorted.unsqueeze(-1).to(up.dtype)
         return grouped_mm(h, down_proj.transpose(1, 2), offs)  # (rows, D)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums over experts in fp32 at least (bf16 inputs), in float64 for float64 (tests)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:

@@ -71,11 +71,11 @@ class Trainer:
             parallel.barrier(self.layout)
         self.unigram = unigram_loss(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
         self.model = self._model()
-        mesh = parallel.meshes(self.layout, self.device.type) if self.layout.distributed else None
+        self.mesh = parallel.meshes(self.layout, self.device.type) if self.layout.distributed else None
         if self.layout.pp > 1:
-            self._pipeline(mesh)
-        elif self.layout.distributed:
-            parallel.shard(self.model, self.layout, mesh)
+            self._pipeline()
+        else:
+            self._transform(self.model)
         self.opt = build_optimizer(self.model, cfg)
         mb = cfg.micro_batch_size or cfg.batch_size
         self.loader = PackedLoader(self.train_tokens, cfg.seq_len, mb, cfg.seed, self.tokenizer.bos_id)
@@ -146,27 +146,36 @@ class Trainer:
             model.config = model.config.replace(num_nextn_predict_layers=0)
         if cfg.precision == "fp8":
             apply_fp8(model, experts=cfg.fp8_experts, ue8m0=cfg.fp8_ue8m0, min_dim=cfg.fp8_min_dim)
-        if cfg.activation_checkpointing:
-            for block in (*model.layers, *model.mtp):
-                block.forward = _checkpointed(block.forward)
-        if cfg.compile:
-            for block in (*model.layers, *model.mtp):
-                block.compile()
         return model.train()
 
-    def _pipeline(self, mesh: dict) -> None:
+    def _transform(self, model: torch.nn.Module) -> None:
+        """After the pipeline split, on the whole model or on each stage: expert parallelism, activation
+        checkpointing, compile (inside each block: DualPipeV refuses compiled stages), FSDP2 (not for a pipeline
+        stage alone on its ranks). The model code stays single-device."""
+        cfg, lay = self.cfg, self.layout
+        if lay.ep > 1:
+            parallel.expert_parallel(model, lay, self.mesh)
+        for block in parallel.blocks(model):
+            if cfg.activation_checkpointing:
+                block.forward = _checkpointed(block.forward)
+            if cfg.compile:
+                block.compile()
+        if lay.distributed and (lay.pp == 1 or lay.dp > 1):
+            parallel.shard(model, lay, self.mesh)
+
+    def _pipeline(self) -> None:
         """Cut the model into this rank's stages, shard each over its data-parallel ranks, and drop the modules
         other ranks hold (dsv3.train.pipeline)."""
         cfg, lay = self.cfg, self.layout
         # The whole step's batch goes through one schedule step, as (micro-batches x pipeline micro-batches)
         # chunks: the schedule scales the summed gradients once (a second step() would scale the first's again).
         self.n_mb = pipeline_microbatches(cfg) * cfg.grad_accum
-        self.pp_group = mesh["pp"]
+        self.pp_group = self.mesh["pp"]
         self.pp_losses = []  # (main, MTP) per pipeline micro-batch, for the log
         self._n_moe_rows = len(self.model.moe_layers())
         self.schedule, self.stages = build_schedule(
             self.model, lay.pp_rank, lay.pp, self.n_mb, self._pipeline_loss, cfg.pp_schedule, self.device,
-            mesh["pp"], cfg.doc_mask, wrap=(lambda m: parallel.shard(m, lay, mesh)) if lay.dp > 1 else None)
+            self.mesh["pp"], cfg.doc_mask, wrap=self._transform)
         owned = {int(i) for m in self.stages for i in m.layers}
         for i in range(len(self.model.layers)):
             if i not in owned:

@@ -7,8 +7,9 @@ over its data-parallel ranks.
 `--batch-size` is the global batch: every rank reads the same global micro-batch from the loader (the order a
 single process would see) and trains on its 1/dp slice, so one command trains on the same data whatever the
 layout, and the run equals the single-process one up to float rounding (tests/test_parallel.py). The model code
-stays single-device: sharding is applied to the built model. Gradient clipping sees the global norm (DTensor
-gradients); the aux-loss-free balance bias is updated from expert loads summed over all ranks, so every rank
+stays single-device: the trainer transforms the built model in a fixed order, pipeline split → expert
+parallelism → activation checkpointing → compile (inside each block) → FSDP2. Gradient clipping sees the
+global norm; the aux-loss-free balance bias is updated from expert loads summed over all ranks, so every rank
 keeps the same (replicated) bias. Checkpoints: the state is saved sharded with torch.distributed.checkpoint and
 resumes at any rank count; rank 0 gathers the full weights for the Hugging Face export.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dnn
 
-from dsv3.model.moe import Experts
+from dsv3.model.moe import Experts, accumulation_dtype
 from dsv3.train.pipeline import pipeline_microbatches
 
 
@@ -110,42 +111,51 @@ def meshes(layout: Layout, device_type: str) -> dict:
             "pp": mesh["pp"].get_group() if layout.pp > 1 else None}
 
 
-def shard(model: torch.nn.Module, layout: Layout, mesh: dict) -> torch.nn.Module:
-    """Expert parallelism first (routed experts split over groups of `ep` consecutive ranks), then FSDP2: the
-    experts over the ranks that hold the same experts, each decoder block (and MTP module) over the data-parallel
-    ranks, then the root (the whole model, or one pipeline stage: embedding, norm, head)."""
-    from torch.distributed.fsdp import fully_shard
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks and MTP modules of a model or of a pipeline stage, in forward order."""
+    layers = model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers
+    return [*layers, *model.mtp]
+
+
+def expert_parallel(model: torch.nn.Module, layout: Layout, mesh: dict) -> None:
+    """Split every routed-expert module of `model` over its EP group (DTensors on the 'ep' mesh, so checkpoints
+    see all E experts) and route it through EPExperts."""
     from torch.distributed.tensor import Shard, distribute_tensor
+    for m in model.modules():
+        if type(m) is Experts:
+            for name in ("gate_up_proj", "down_proj"):
+                full = getattr(m, name).detach()
+                setattr(m, name, torch.nn.Parameter(distribute_tensor(full, mesh["ep"]["ep"], [Shard(0)])))
+            m.__class__, m.ep, m.group = EPExperts, layout.ep, mesh["ep"]["ep"].get_group()
+
+
+def shard(model: torch.nn.Module, layout: Layout, mesh: dict) -> None:
+    """FSDP2 for `model` (the whole model, or one pipeline stage): the experts over the ranks that hold the same
+    experts, each block over the data-parallel ranks, then the root."""
+    from torch.distributed.fsdp import fully_shard
     # A pipeline stage keeps its weights gathered from forward to backward (as torchtitan does): its micro-batches
     # would gather them again each time, and under DualPipeV (torch 2.13) units resharded after forward in the
     # last stage got wrong gradients. The last block's weights are needed again at once by backward anyway.
     keep = layout.pp > 1
-    if mesh["ep"] is not None:
-        for m in model.modules():
-            if type(m) is Experts:
-                for name in ("gate_up_proj", "down_proj"):  # DTensors over the EP ranks: checkpoints see all E
-                    full = getattr(m, name).detach()
-                    setattr(m, name, torch.nn.Parameter(distribute_tensor(full, mesh["ep"]["ep"], [Shard(0)])))
-                m.__class__, m.ep, m.group = EPExperts, layout.ep, mesh["ep"]["ep"].get_group()
-                fully_shard(m, mesh=mesh["ep"]["dp_replicate"], reshard_after_forward=not keep)
-                # Each rank's loss is the mean over its own tokens, and an expert's gradient sums the rows of
-                # every rank of its EP group: divide by the data-parallel size, as one process over the batch.
-                m.set_gradient_divide_factor(float(layout.dp))
+    for m in model.modules():
+        if isinstance(m, EPExperts):
+            fully_shard(m, mesh=mesh["ep"]["dp_replicate"], reshard_after_forward=not keep)
+            # Each rank's loss is the mean over its own tokens, and an expert's gradient sums the rows of every
+            # rank of its EP group: divide by the data-parallel size, as one process over the whole batch.
+            m.set_gradient_divide_factor(float(layout.dp))
     if layout.dp > 1:  # one data-parallel rank has nothing to shard or overlap: the root alone, one unit (each
         # unit costs ~1 ms of CPU per all-gather and per reduce-scatter: 0.78x of the plain loop with per-block units)
         for layer in model.mtp:  # the root calls an MTP module's final norm outside the module's forward
             fully_shard(layer.shared_head.norm, mesh=mesh["dp"], reshard_after_forward=not keep)
-        layers = model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers
-        blocks = [*layers, *model.mtp]
-        for i, block in enumerate(blocks):
-            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=not keep and i < len(blocks) - 1)
+        units = blocks(model)
+        for i, block in enumerate(units):
+            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=not keep and i < len(units) - 1)
         for name in ("embed_tokens", "norm", "lm_head"):  # units of their own, not the root's: under DualPipeV
             # the root's own gradients missed a micro-batch (torch 2.13), a sub-module's do not
             if getattr(model, name, None) is not None:
                 fully_shard(getattr(model, name), mesh=mesh["dp"],
                             reshard_after_forward=not keep and name == "embed_tokens")
     fully_shard(model, mesh=mesh["dp"], reshard_after_forward=False)
-    return model
 
 
 def clip_grad_norm(params, max_norm: float, layout: Layout = Layout()) -> torch.Tensor:
@@ -179,36 +189,48 @@ def barrier(layout: Layout) -> None:
 
 class EPExperts(Experts):
     """Routed experts sharded over an expert-parallel group of `ep` ranks: this rank holds experts
-    [r·E/ep, (r+1)·E/ep). Dispatch: each rank sorts its (token, expert) rows by expert, exchanges the per-expert
-    counts (all_to_all), then the rows with their routing weight as one extra column (all_to_all_single, split by
-    destination rank); the receiver regroups them by local expert and runs the same SwiGLU as one process would.
-    Combine: the results go back the same way and are summed per token in a fixed order. Both exchanges are
-    differentiable, so backward sends the gradients back along the same routes."""
+    [r·E/ep, (r+1)·E/ep). Dispatch sends each token once to each rank that holds any of its experts (DeepSeek-V3's
+    node-limited dispatch: with group-limited routing and expert groups aligned to ranks, a token reaches at most
+    topk_group ranks, and K experts cost at most that many rows, not K): the row counts go first (all_to_all),
+    then the rows, each with its K routing weights and the local ids of its experts on that rank (-1 for experts
+    elsewhere) as 2K extra columns (all_to_all_single, split by destination rank). The receiver expands them to
+    (row, expert) pairs, runs the same SwiGLU as one process would, and sums each row's pairs in slot order.
+    Combine: one partial sum per (token, rank) goes back and the origin sums its ranks' in rank order. Both
+    exchanges are differentiable, so backward sends the gradients back along the same routes."""
 
     group = None
     ep = 1
+    rows_sent = 0  # rows this rank dispatched in its last forward (≤ tokens · min(K, ep))
 
     def forward(self, x_ND, w_NK, idx_NK):
-        N, K = idx_NK.shape
-        E_local = self._local(self.gate_up_proj).shape[0]
-        E = E_local * self.ep
-        flat = idx_NK.flatten()
-        counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-        order = flat.argsort(stable=True)
-        rows = torch.cat([x_ND[order // K], w_NK.flatten()[order].unsqueeze(-1).to(x_ND.dtype)], dim=-1)
-        recv_SE = torch.empty_like(counts_E)  # [s·E_local + j]: rows source rank s has for my local expert j
-        dist.all_to_all_single(recv_SE, counts_E, group=self.group)
-        recv_SE = recv_SE.view(self.ep, E_local)
-        send, recv = counts_E.view(self.ep, E_local).sum(1).tolist(), recv_SE.sum(1).tolist()  # host sync
-        got = dnn.all_to_all_single(rows.new_empty(sum(recv), rows.shape[-1]), rows, recv, send, group=self.group)
-        local = torch.arange(E_local, device=flat.device).repeat(self.ep).repeat_interleave(recv_SE.flatten())
-        perm = local.argsort(stable=True)  # received rows come grouped by source: regroup them by expert
-        y = self.ffn(got[perm, :-1], got[perm, -1], recv_SE.sum(0).cumsum(0).to(torch.int32),
-                     self._local(self.gate_up_proj), self._local(self.down_proj))
-        y_got = y.new_empty(y.shape).index_copy(0, perm, y)
-        back = dnn.all_to_all_single(y.new_empty(len(order), y.shape[-1]), y_got, send, recv, group=self.group)
-        y_NKD = back.new_empty(back.shape).index_copy(0, order, back).view(N, K, -1)
-        return y_NKD.sum(1, dtype=torch.float32).to(x_ND.dtype), counts_E
+        (N, K), D, R = idx_NK.shape, x_ND.shape[-1], self.ep
+        gate_up, down = self._local(self.gate_up_proj), self._local(self.down_proj)
+        E_local = gate_up.shape[0]
+        counts_E = torch.zeros(E_local * R, dtype=torch.int64, device=idx_NK.device).scatter_add_(
+            0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten()))
+        dest_NK = idx_NK // E_local
+        r_M, t_M = torch.zeros(N, R, dtype=torch.bool, device=x_ND.device).scatter_(1, dest_NK, True).T.nonzero(
+            as_tuple=True)  # one row per (token, destination rank), grouped by destination
+        here_MK = dest_NK[t_M] == r_M[:, None]
+        local_MK = torch.where(here_MK, idx_NK[t_M] - r_M[:, None] * E_local, -1)  # exact in bf16: E_local ≤ 256
+        rows = torch.cat([x_ND[t_M], (w_NK[t_M] * here_MK).to(x_ND.dtype), local_MK.to(x_ND.dtype)], dim=-1)
+        send_R = torch.bincount(r_M, minlength=R)
+        recv_R = torch.empty_like(send_R)
+        dist.all_to_all_single(recv_R, send_R, group=self.group)
+        send, recv = send_R.tolist(), recv_R.tolist()  # host sync
+        self.rows_sent = len(t_M)
+        got = dnn.all_to_all_single(rows.new_empty(sum(recv), D + 2 * K), rows, recv, send, group=self.group)
+        row_P, slot_P = (got[:, D + K:] >= 0).nonzero(as_tuple=True)  # (received row, slot) pairs held here
+        e_P = got[row_P, D + K + slot_P].round().long()
+        perm = e_P.argsort(stable=True)
+        row_P, slot_P = row_P[perm], slot_P[perm]
+        offs = torch.bincount(e_P, minlength=E_local).cumsum(0).to(torch.int32)
+        y_P = self.ffn(got[row_P, :D], got[row_P, D + slot_P], offs, gate_up, down)
+        y_MKD = y_P.new_zeros(len(got), K, y_P.shape[-1]).index_put((row_P, slot_P), y_P)
+        y_M = y_MKD.sum(1, dtype=accumulation_dtype(y_P.dtype)).to(y_P.dtype)
+        back = dnn.all_to_all_single(y_M.new_empty(len(t_M), y_M.shape[-1]), y_M, send, recv, group=self.group)
+        y_NRD = back.new_zeros(N, R, back.shape[-1]).index_put((t_M, r_M), back)
+        return y_NRD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
 
     @staticmethod
     def _local(p):  # this rank's experts: a DTensor's local shard under torchrun, a plain slice in tests

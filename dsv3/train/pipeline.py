@@ -130,8 +130,8 @@ def stage_bounds(n_layers: int, n: int) -> list[tuple[int, int]]:
 def build_schedule(model: nn.Module, pp_rank: int, pp: int, n_microbatches: int, loss_fn, schedule: str,
                    device: torch.device, group=None, doc_mask: bool = False, wrap=None):
     """-> (schedule, this rank's StageModules). Inputs go in on the rank holding stage 0, targets on the rank
-    holding the last stage (rank pp − 1 for 1F1B, rank 0 for DualPipeV). `wrap(module)` (FSDP) is applied to each
-    StageModule before the schedule takes it."""
+    holding the last stage (rank pp − 1 for 1F1B, rank 0 for DualPipeV). `wrap(module)` (the trainer's expert
+    parallelism, checkpointing, compile, FSDP) is applied to each StageModule before the schedule takes it."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
     if schedule not in ("1f1b", "dualpipev"):
         raise ValueError(f"--pp-schedule {schedule!r}: expected 1f1b or dualpipev")
