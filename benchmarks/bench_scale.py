@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -77,6 +78,7 @@ def train(args, model: str, name: str, procs: int, extra: list[str], n: int, wor
     if r.returncode:
         return {"error": r.stderr[-2000:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the end-of-run save: 50 GB for v2lite-8l
     steps = [r for r in rows if "tokens_per_s" in r and not r.get("profiled")]
     ranks = next(r["ranks"] for r in rows if "ranks" in r)
     tok_s = statistics.median(r["tokens_per_s"] for r in steps[len(steps) // 2:])
@@ -184,7 +186,8 @@ def main():
         args.train_args += " --device cpu --threads 1"
         args.train_args = args.train_args.replace("--param-dtype bf16", "")
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    work = Path(tempfile.mkdtemp(prefix="bench_scale_"))
+    tmp = tempfile.TemporaryDirectory(prefix="bench_scale_")  # removed at exit: runs save checkpoints at the end
+    work = Path(tmp.name)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     results = {}
     a2a = alltoall(args.gpus) if args.gpus > 1 else None
