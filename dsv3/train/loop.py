@@ -337,7 +337,9 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         main = self.layout.main
         if main:
-            ranks = f" x {self.layout.world} processes (data parallel)" if self.layout.distributed else ""
+            lay = self.layout
+            ranks = (f" x {lay.world} processes (pipeline {lay.pp} x data-parallel {lay.dp}, expert-parallel "
+                     f"{lay.ep})" if lay.distributed else "")
             print(f"{cfg.preset if not cfg.init_from else cfg.init_from}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(self.train_tokens):,} training tokens, batch {cfg.batch_size} x {cfg.seq_len} "
                   f"(accumulation {cfg.grad_accum}), {cfg.steps} steps on {self.device}{ranks}")
@@ -386,7 +388,6 @@ class Trainer:
         plot = plot_run(self.run_dir) if main else None
         return {"step": self.step, "val_loss": last_eval and last_eval["val_loss"], "unigram_loss": self.unigram,
                 "checkpoint": str(ckpt / "model") if ckpt else None, "plot": str(plot)}
-
 
     def _log_ranks(self, timing: dict | None) -> None:
         """One record with every rank's peak memory (GPU: allocated by torch; CPU: the process's peak RSS) and,
