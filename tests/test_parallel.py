@@ -208,6 +208,8 @@ def test_layout_errors_name_what_is_wrong():
     assert "n_routed_experts=6" in layout_errors(TrainConfig(batch_size=8, ep=4), 4, 6)[0]
     assert "multiples of the 4 data-parallel ranks" in layout_errors(TrainConfig(batch_size=6), 4, 8)[0]
     assert "--pp 3 does not divide the world size 4" in layout_errors(TrainConfig(batch_size=8, pp=3), 4, 8)[0]
+    assert "the model's 4 layers cannot fill 8 pipeline stages (--pp 4 --pp-schedule dualpipev: two stages per " \
+        "rank)" in layout_errors(TrainConfig(batch_size=8, pp=4, pp_schedule="dualpipev"), 4, 8, n_layers=4)[0]
     assert "4 sequences of a micro-batch must split into 8 pipeline micro-batches" in layout_errors(
         TrainConfig(batch_size=8, pp=2, pp_microbatches=8), 4, 8)[0]
     assert "--fp8-experts" in layout_errors(TrainConfig(batch_size=8, ep=2, precision="fp8", fp8_experts=True),

@@ -50,7 +50,7 @@ class Trainer:
         self.arch = ModelConfig.from_json(cfg.init_from) if cfg.init_from else preset(cfg.preset)
         if cfg.num_layers:
             self.arch = self.arch.replace(num_hidden_layers=cfg.num_layers)
-        self.layout = parallel.init(cfg, self.arch.n_routed_experts)
+        self.layout = parallel.init(cfg, self.arch.n_routed_experts, self.arch.num_hidden_layers)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dnn
 
 from dsv3.model.moe import Experts, accumulation_dtype
-from dsv3.train.pipeline import pipeline_microbatches
+from dsv3.train.pipeline import n_stages, pipeline_microbatches
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,14 @@ class Layout:
         return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
 
 
-def layout_errors(cfg, world: int, n_experts: int) -> list[str]:
+def layout_errors(cfg, world: int, n_experts: int, n_layers: int | None = None) -> list[str]:
     errors = []
     if cfg.pp < 1 or world % cfg.pp:
         return [f"--pp {cfg.pp} does not divide the world size {world}"]
+    stages = n_stages(cfg.pp, cfg.pp_schedule)
+    if cfg.pp > 1 and n_layers is not None and n_layers < stages:
+        errors.append(f"the model's {n_layers} layers cannot fill {stages} pipeline stages (--pp {cfg.pp} "
+                      f"--pp-schedule {cfg.pp_schedule}{': two stages per rank' if stages > cfg.pp else ''})")
     dp = world // cfg.pp
     mb = cfg.micro_batch_size or cfg.batch_size
     if cfg.dp_shard not in (-1, dp):
@@ -76,12 +80,12 @@ def layout_errors(cfg, world: int, n_experts: int) -> list[str]:
     return errors
 
 
-def init(cfg, n_experts: int) -> Layout:
+def init(cfg, n_experts: int, n_layers: int) -> Layout:
     """Read torchrun's environment, check the layout (one clear error on rank 0 before any work), join the
     process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    errors = layout_errors(cfg, world, n_experts)
+    errors = layout_errors(cfg, world, n_experts, n_layers)
     if errors:
         if rank:
             sys.exit(1)
