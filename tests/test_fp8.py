@@ -1,5 +1,5 @@
 """FP8 training (SPEC §7.4) on the CPU: quantization error bounds, the three GEMMs of an FP8 linear and of the FP8
-experts against float64 references, the fused Triton quantize kernel in Triton's interpreter, and apply_fp8 on a
+experts against float64 references, the Triton quantize kernels in Triton's interpreter, and apply_fp8 on a
 model that then trains."""
 import os
 import subprocess
