@@ -149,7 +149,7 @@ def plot(results: dict, title: str, path: Path) -> None:
             ax.bar(names, v, bottom=bottom, label=label)
             bottom = [b + x for b, x in zip(bottom, v)]
         for i, x in enumerate(r):
-            ax.text(i, 1.02, f"{x.get('scaling_efficiency', 0):.0%}", ha="center", fontsize=9)
+            ax.text(i, 1.02, f"{x.get('scaling_efficiency') or 0:.0%}", ha="center", fontsize=9)
         ax.set(ylim=(0, 1.12), ylabel="share of the step (mean over GPUs)",
                title=f"{model}  (above: per-GPU tokens/s vs 1 GPU)")
         ax.tick_params(axis="x", rotation=30)

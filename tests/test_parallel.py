@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
     one = train("one", 0, "--steps", "6")
     assert one.returncode == 0, one.stderr[-3000:]
     tok = ["--tokenizer", str(root / "one" / "tokenizer")]
-    runs = {"two": (2,), "ep": (2, "--ep", "2"), "one-doc": (0, "--doc-mask"),
+    runs = {"two": (2,), "ep": (2, "--ep", "2"), "dp-ep": (4, "--ep", "2"), "one-doc": (0, "--doc-mask"),
             "one-mb8": (0, "--micro-batch-size", "8"), "pp-1f1b": (2, "--pp", "2"),
             "pp-dualpipev": (2, "--pp", "2", "--pp-schedule", "dualpipev", "--doc-mask"),
             "pp-dp": (4, "--pp", "2"), "pp-ep-dualpipev": (4, "--pp", "2", "--ep", "2", "--pp-schedule", "dualpipev",
@@ -93,9 +93,11 @@ def test_two_ranks_train_like_one_process(runs):
     _same_run(root / "two", root / "one", rel=1e-5)
 
 
-def test_expert_parallel_ranks_train_like_one_process(runs):
+@pytest.mark.parametrize("run", ["ep", "dp-ep"])
+def test_expert_parallel_ranks_train_like_one_process(runs, run):
+    """Experts split over 2 ranks; and over 2 groups of 2 of 4 ranks (each expert on two replicas)."""
     root, _ = runs
-    _same_run(root / "ep", root / "one", rel=1e-5)
+    _same_run(root / run, root / "one", rel=1e-5)
 
 
 @pytest.mark.parametrize("run, ref", [("pp-1f1b", "one"), ("pp-dualpipev", "one-doc"), ("pp-dp", "one"),

@@ -220,6 +220,7 @@ class Trainer:
         set_balance_loss(self.model, alpha / (accum if self.layout.pp == 1 else 1))
         self.mtp_lam = lam
         sums, counts = self._pipeline_accumulate() if self.layout.pp > 1 else self._accumulate(lam)
+        parallel.scale_expert_grads(self.model, self.layout)
         grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.layout)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

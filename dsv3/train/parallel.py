@@ -142,11 +142,8 @@ def shard(model: torch.nn.Module, layout: Layout, mesh: dict) -> None:
     # last stage got wrong gradients. The last block's weights are needed again at once by backward anyway.
     keep = layout.pp > 1
     for m in model.modules():
-        if isinstance(m, EPExperts):
+        if isinstance(m, EPExperts):  # averaged over the dp / ep replicas; scale_expert_grads does the rest
             fully_shard(m, mesh=mesh["ep"]["dp_replicate"], reshard_after_forward=not keep)
-            # Each rank's loss is the mean over its own tokens, and an expert's gradient sums the rows of every
-            # rank of its EP group: divide by the data-parallel size, as one process over the whole batch.
-            m.set_gradient_divide_factor(float(layout.dp))
     if layout.dp > 1:  # one data-parallel rank has nothing to shard or overlap: the root alone, one unit (each
         # unit costs ~1 ms of CPU per all-gather and per reduce-scatter: 0.78x of the plain loop with per-block units)
         for layer in model.mtp:  # the root calls an MTP module's final norm outside the module's forward
@@ -160,6 +157,17 @@ def shard(model: torch.nn.Module, layout: Layout, mesh: dict) -> None:
                 fully_shard(getattr(model, name), mesh=mesh["dp"],
                             reshard_after_forward=not keep and name == "embed_tokens")
     fully_shard(model, mesh=mesh["dp"], reshard_after_forward=False)
+
+
+def scale_expert_grads(model: torch.nn.Module, layout: Layout) -> None:
+    """Each rank's loss is the mean over its own tokens and an expert's gradient sums the rows of its EP group's
+    ep ranks; FSDP then averages over the dp / ep replicas: 1/ep more gives the 1/dp of one process over the whole
+    batch. (FSDP's own divide factor would need ReduceOp.PREMUL_SUM, which gloo lacks.)"""
+    for m in model.modules() if layout.ep > 1 else ():
+        if isinstance(m, EPExperts):
+            for p in (m.gate_up_proj, m.down_proj):
+                if p.grad is not None:
+                    (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).div_(layout.ep)
 
 
 def clip_grad_norm(params, max_norm: float, layout: Layout = Layout()) -> torch.Tensor:
