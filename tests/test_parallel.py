@@ -127,12 +127,27 @@ def test_bad_layout_is_one_clear_error(runs):
 EP_RANKS = 2
 
 
+def shard_experts(model: torch.nn.Module, ep: int, ep_rank: int, group=None) -> int:
+    """Plain slices instead of DTensors (dsv3.train.parallel.expert_parallel under torchrun): keep this rank's E/ep
+    experts of every routed-expert module and route them through EPExperts. -> modules."""
+    from dsv3.model.moe import Experts
+    from dsv3.train.parallel import EPExperts
+    n = 0
+    for m in model.modules():
+        if type(m) is Experts:
+            part = slice(ep_rank * m.gate_up_proj.shape[0] // ep, (ep_rank + 1) * m.gate_up_proj.shape[0] // ep)
+            m.gate_up_proj = torch.nn.Parameter(m.gate_up_proj.detach()[part].clone())
+            m.down_proj = torch.nn.Parameter(m.down_proj.detach()[part].clone())
+            m.__class__, m.ep, m.group = EPExperts, ep, group
+            n += 1
+    return n
+
+
 def _ep_worker(rank: int, init_file: str):
     import torch.distributed as dist
 
     from dsv3.config import preset
     from dsv3.model.moe import Experts
-    from dsv3.train.parallel import shard_experts
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=EP_RANKS)
     torch.set_default_dtype(torch.float64)
     cfg = preset("tiny").replace(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=3)

@@ -23,11 +23,10 @@ how CI tests them on a CPU) and never synchronise with the host; the torch refer
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from dsv3.kernels.fp8 import BLOCK, dequantize_blocks, dequantize_rows  # BLOCK: the scales', so the K step
+# BLOCK: the scales', so the K step
+from dsv3.kernels.fp8 import BLOCK, _interpret, _use_triton, dequantize_blocks, dequantize_rows
 
 try:
     import triton
@@ -155,10 +154,6 @@ if triton is not None:
                  mask=n_mask[:, None] & k_mask[None, :])
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def _check_block(name: str, value: int, largest: int) -> None:
     if not 16 <= value <= largest or value & (value - 1):
         raise ValueError(f"{name}={value} must be a power of two in [16, {largest}]")
@@ -203,7 +198,7 @@ def _grouped_fp8_mm_triton(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tens
                                   b_s.stride(1), out.stride(0),
                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK,
                                   BLOCK_E=max(2, triton.next_power_of_2(E)),
-                                  INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+                                  INTERPRET=_interpret(),
                                   num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -228,7 +223,7 @@ def _grouped_fp8_wgrad_triton(g_q: torch.Tensor, g_s: torch.Tensor, x_q: torch.T
                                     g_q.stride(0), g_s.stride(0), x_q.stride(0), x_s.stride(0), out.stride(0),
                                     out.stride(1),
                                     BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BLOCK,
-                                    INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+                                    INTERPRET=_interpret(),
                                     num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -113,7 +113,6 @@ class Experts(nn.Module):
         # Sum over each token's K experts with fp32 accumulation; a fixed order keeps it deterministic.
         return y_NKD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
 
-
     def ffn(self, x_sorted, w_sorted, offs, gate_up_proj=None, down_proj=None):
         """SwiGLU of each expert over its rows (sorted by expert, group ends `offs`), scaled by routing weights;
         of these experts' weights unless others are given (an expert-parallel rank's share)."""

@@ -270,8 +270,7 @@ class Trainer:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             self.schedule.step(*(self._pipeline_inputs(batch) if self.first else ()),
                                **({"target": batch.labels} if self.last else {}))
-        keys = ("loss", "balance_loss", "mtp_loss") if self.model.config.num_nextn_predict_layers else ("loss",
-                                                                                                   "balance_loss")
+        keys = ["loss", "balance_loss"] + (["mtp_loss"] if self.model.config.num_nextn_predict_layers else [])
         sums = {k: torch.zeros((), device=self.device) for k in keys}  # all_sum works in place: one tensor each
         mine = self.pp_losses[-self.n_mb:]
         if mine:  # the last stage's ranks: the mean over the pipeline micro-batches

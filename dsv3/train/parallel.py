@@ -167,14 +167,14 @@ def scale_expert_grads(model: torch.nn.Module, layout: Layout) -> None:
         if isinstance(m, EPExperts):
             for p in (m.gate_up_proj, m.down_proj):
                 if p.grad is not None:
-                    (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).div_(layout.ep)
+                    _local(p.grad).div_(layout.ep)
 
 
 def clip_grad_norm(params, max_norm: float, layout: Layout = Layout()) -> torch.Tensor:
     """The global gradient norm, clipped to max_norm. Every gradient element lives on exactly one rank (FSDP and
     expert shards, pipeline stages), so the squares of the local shards summed over all ranks are the square of
     the global norm: one all-reduce on plain local tensors (DTensor ops cost ~1 ms of CPU each)."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+    grads = [_local(p.grad) for p in params if p.grad is not None]
     squares = torch.nn.utils.get_total_norm(grads).float().pow(2)
     if layout.distributed:
         dist.all_reduce(squares)
@@ -186,6 +186,11 @@ def clip_grad_norm(params, max_norm: float, layout: Layout = Layout()) -> torch.
     for group in by_dtype.values():
         torch._foreach_mul_(group, coef.to(group[0].dtype))
     return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (parameter or gradient); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def all_sum(t: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -216,7 +221,7 @@ class EPExperts(Experts):
 
     def forward(self, x_ND, w_NK, idx_NK):
         (N, K), D, R = idx_NK.shape, x_ND.shape[-1], self.ep
-        gate_up, down = self._local(self.gate_up_proj), self._local(self.down_proj)
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)  # this rank's experts
         E_local = gate_up.shape[0]
         counts_E = torch.zeros(E_local * R, dtype=torch.int64, device=idx_NK.device).scatter_add_(
             0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten()))
@@ -243,23 +248,3 @@ class EPExperts(Experts):
         back = dnn.all_to_all_single(y_M.new_empty(len(t_M), y_M.shape[-1]), y_M, send, recv, group=self.group)
         y_NRD = back.new_zeros(N, R, back.shape[-1]).index_put((t_M, r_M), back)
         return y_NRD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
-
-    @staticmethod
-    def _local(p):  # this rank's experts: a DTensor's local shard under torchrun, a plain slice in tests
-        return p.to_local() if hasattr(p, "to_local") else p
-
-
-def shard_experts(model: torch.nn.Module, ep: int, ep_rank: int, group=None) -> int:
-    """Keep this rank's E/ep experts of every routed-expert module and route through EPExperts. -> modules."""
-    n = 0
-    for m in model.modules():
-        if type(m) is Experts:
-            E = m.gate_up_proj.shape[0]
-            if E % ep:
-                raise ValueError(f"n_routed_experts={E} is not divisible by --ep {ep}")
-            part = slice(ep_rank * E // ep, (ep_rank + 1) * E // ep)
-            m.gate_up_proj = torch.nn.Parameter(m.gate_up_proj.detach()[part].clone())
-            m.down_proj = torch.nn.Parameter(m.down_proj.detach()[part].clone())
-            m.__class__, m.ep, m.group = EPExperts, ep, group
-            n += 1
-    return n
