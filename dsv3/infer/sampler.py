@@ -5,9 +5,12 @@ min_tokens masking → (non-greedy rows) temperature → top-k → top-p → min
 processed fp32 logits, and `sample` draws from exactly softmax(process_logits(...)), so the speculative-decoding
 rejection sampler can call `process_logits` for the target and draft distributions and stay consistent.
 
-Each non-greedy row draws from its own `torch.Generator` with exactly one RNG call (exponential race:
-argmax(p / E), E ~ Exp(1), which is a draw from p). A seeded request's tokens therefore do not depend on which
-other rows share the batch, their order, or how many there are. Rows with no generator share one global draw.
+Each non-greedy row draws from its own `torch.Generator` with exactly one RNG call: one uniform u per row, and
+the token is where u·total falls in the row's cumulative weights (inverse CDF, two-level: 64-token blocks, then
+within the chosen block, in fp64). A seeded request's tokens therefore do not depend on which other rows share
+the batch, their order, or how many there are. Rows with no generator share one global draw. (An exponential race,
+argmax p / E, needs a random number per vocabulary entry: on a CPU the RNG alone cost more than the model's
+head.)
 
 Logprobs are log_softmax of the RAW model logits (before penalties, temperature and filters), vLLM's default
 (`logprobs_mode="raw_logprobs"`): they describe the model, not the sampler's reshaped distribution.
@@ -181,23 +184,33 @@ def process_logits(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: 
     return x_RV
 
 
-def _exp_noise(generators: list[torch.Generator | None], rows: list[int], V: int, device) -> Tensor:
-    # (Rs, V) Exp(1) noise as -log(u): one uniform draw per seeded row from its own generator (in place when it
-    # lives on `device`), one batched draw from the global RNG for all unseeded rows. (uniform_ + log beats
-    # exponential_ 5x on a CPU.)
-    u_RV = torch.empty(len(rows), V, device=device)
-    unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
-    if len(unseeded) == len(rows):
-        u_RV.uniform_()
-    elif unseeded:
-        u_RV[unseeded] = torch.rand(len(unseeded), V, device=device)
-    for j, i in enumerate(rows):
-        if (g := generators[i]) is not None:
-            if g.device == u_RV.device:
-                u_RV[j].uniform_(generator=g)
-            else:
-                u_RV[j] = torch.rand(V, generator=g, device=g.device).to(device)
-    return u_RV.log_().neg_()  # u == 0 gives E = inf: that token loses this race (probability 2^-24 per entry)
+_BLOCK = 64  # tokens per block of the two-level inverse CDF
+
+
+def _uniforms(generators: list[torch.Generator | None], device) -> Tensor:
+    """(R,) fp64 U[0, 1): one draw per row from its own generator, one batched draw for the rows without one."""
+    u_R = torch.rand(len(generators), dtype=torch.float64, device=device)
+    return torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=g.device).to(device)
+                        if g is not None else u_R[i] for i, g in enumerate(generators)])
+
+
+def draw_rows(w_RV: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+    """(R,) one draw per row from the non-negative weights `w_RV` (unnormalized; zero weight is never drawn), one
+    uniform per row: the first token whose cumulative weight exceeds u·total. Block sums (fp32, 64 tokens each) are
+    accumulated in fp64 to pick the block, then the block's own fp64 cumsum picks the token."""
+    R, V = w_RV.shape
+    nb = -(-V // _BLOCK)
+    w_RV = torch.nn.functional.pad(w_RV, (0, nb * _BLOCK - V)) if nb * _BLOCK != V else w_RV
+    w_RNB = w_RV.view(R, nb, _BLOCK)
+    outer_RN = w_RNB.sum(-1).double().cumsum_(-1)
+    t_R1 = (_uniforms(generators, w_RV.device) * outer_RN[:, -1])[:, None]  # < total: u <= 1 - 2^-53
+    # The clamps keep rounding from ever landing past the last block / token of positive weight.
+    blk_R1 = torch.searchsorted(outer_RN, t_R1, right=True).minimum((outer_RN < outer_RN[:, -1:]).sum(-1, True))
+    before_R1 = torch.where(blk_R1 > 0, outer_RN.gather(1, (blk_R1 - 1).clamp_(min=0)), 0.0)
+    inner_RB = w_RNB.gather(1, blk_R1[:, :, None].expand(R, 1, _BLOCK))[:, 0].double().cumsum_(-1)
+    last_R1 = (inner_RB < inner_RB[:, -1:]).sum(-1, True)
+    j_R1 = torch.searchsorted(inner_RB, t_R1 - before_R1, right=True).minimum(last_R1)
+    return (blk_R1 * _BLOCK + j_R1)[:, 0]
 
 
 def sample(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
@@ -207,13 +220,21 @@ def sample(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[lis
     if not len(params) == len(prompt_ids) == len(output_ids) == len(generators) == R:
         raise ValueError(f"logits rows={R} must equal len(params)={len(params)}, len(prompt_ids)="
                          f"{len(prompt_ids)}, len(output_ids)={len(output_ids)}, len(generators)={len(generators)}")
-    x_RV = process_logits(logits_RV, params, prompt_ids, output_ids, eos_id)
-    token_R = x_RV.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    # Temperature alone (the common case) is folded into the draw's exponent: the raw logits, in the model's dtype,
+    # are read once instead of copied to fp32 and divided first (each a pass over R x V floats).
+    plain = not any(p.has_penalties or len(out) < p.min_tokens or (not p.greedy and p.top_p < 1)
+                    or (not p.greedy and 0 < p.top_k < V) or (not p.greedy and p.min_p > 0)
+                    for p, out in zip(params, output_ids))
+    x_RV = logits_RV if plain else process_logits(logits_RV, params, prompt_ids, output_ids, eos_id)
+    # max(dim).indices is argmax (the first maximum) at a third of argmax's cost on a CPU.
+    token_R = x_RV.max(dim=-1).indices if len(rows) < R else torch.empty(R, dtype=torch.long, device=x_RV.device)
     if rows:
-        # Exponential race: argmax_j p_j / E_j with E_j ~ Exp(1) iid is a draw from p (filtered tokens have p=0).
-        probs_RV = (x_RV if len(rows) == R else x_RV[rows]).softmax(dim=-1)
-        token_R[rows] = probs_RV.div_(_exp_noise(generators, rows, V, x_RV.device)).argmax(dim=-1)
+        x_SV = x_RV if len(rows) == R else x_RV[rows]
+        w_SV = x_SV - x_SV.amax(dim=-1, keepdim=True).float()  # (S, V) fp32; filtered tokens (-inf) weigh 0
+        if plain:
+            w_SV.mul_(1 / _row_param(params, rows, "temperature", w_SV.device))
+        token_R[rows] = draw_rows(w_SV.exp_(), [generators[i] for i in rows])
     token_ids = host_list(token_R)
     return SampleOutput(token_ids, token_logprobs(logits_RV, token_ids, [p.logprobs for p in params]))
 
@@ -227,8 +248,8 @@ def host_list(t: Tensor) -> list:
 
 
 def draw(probs_V: Tensor, generator: torch.Generator | None) -> int:
-    """One draw from `probs_V` (need not be normalized), the way `sample` draws: one RNG call, argmax p / E."""
-    return int((probs_V / _exp_noise([generator], [0], probs_V.shape[-1], probs_V.device)[0]).argmax())
+    """One draw from `probs_V` (need not be normalized), the way `sample` draws: one RNG call."""
+    return int(draw_rows(probs_V[None], [generator])[0])
 
 
 def token_logprobs(raw_RV: Tensor, token_ids: list[int], ks: list[int | None]) -> list[TokenLogprobs | None]:

@@ -63,7 +63,7 @@ class MLA(nn.Module):
             o = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
         else:
             cache.write(self.layer_idx, c_kv, k_pe)
-            o = self._paged(q_nope, q_pe, cache)
+            o = self._paged(q_nope, q_pe, cache, c_kv, k_pe)
         return self.o_proj(o.flatten(-2))
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
@@ -81,7 +81,7 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return o[..., :self.dv].transpose(1, 2)  # (B, T, H, Dv)
 
-    def _paged(self, q_nope, q_pe, cache: PagedKV):
+    def _paged(self, q_nope, q_pe, cache: PagedKV, c_kv, k_pe):
         """Attention of the flat batch's new tokens over their sequences' cached latents: (T, H, Dv).
 
         Prefill chunks take the expanded path over their cached prefix; decode tokens and speculative
@@ -90,8 +90,16 @@ class MLA(nn.Module):
         if cache.row_lens is not None:  # a decode step: every token is an absorbed row
             return self._absorbed(q_nope, q_pe, cache.kv[self.layer_idx], cache.block_tables, cache.row_lens)
         out = q_nope.new_empty(*q_nope.shape[:2], self.dv)
-        for b, (s0, s1) in enumerate(zip(cache.query_start, cache.query_start[1:])):
-            if s1 - s0 > ABSORBED_MAX_QUERY:
+        spans = [(b, s0, s1) for b, (s0, s1) in enumerate(zip(cache.query_start, cache.query_start[1:]))
+                 if s1 - s0 > ABSORBED_MAX_QUERY]
+        # On a CPU, whole prompts (nothing cached before them: their new latents are all their keys, c_kv and
+        # k_pe as written) share one SDPA call under a block-diagonal causal mask instead of a loop of small ones.
+        fresh = [(s0, s1) for b, s0, s1 in spans if cache.seq_lens[b] == s1 - s0] if q_nope.device.type == "cpu" else []
+        if fresh:
+            rows = torch.cat([torch.arange(s0, s1) for s0, s1 in fresh]).to(q_nope.device)
+            out[rows] = self._prompts(q_nope[rows], q_pe[rows], c_kv[rows], k_pe[rows], [s1 - s0 for s0, s1 in fresh])
+        for b, s0, s1 in spans:
+            if (s0, s1) not in fresh:
                 out[s0:s1] = self._prefill(q_nope[s0:s1], q_pe[s0:s1], cache.gather(self.layer_idx, b))
         if cache.decode:
             rows = cache.decode_rows
@@ -113,6 +121,16 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=causal_lower_right(Tb, S),
                                            scale=self.scale)
         return o.transpose(0, 1)  # (Tb, H, Dv)
+
+    def _prompts(self, q_nope, q_pe, c_kv, k_pe, lens: list[int]):
+        """Whole prompts packed back to back (T tokens, `lens` each), each attending causally over itself:
+        _expanded's packed-document attention on one row of documents. (T, H, Dv)"""
+        doc = torch.repeat_interleave(torch.arange(len(lens), device=c_kv.device),
+                                      torch.tensor(lens, device=c_kv.device))
+        mask = (doc[:, None] == doc[None]).tril()  # (T, T): same prompt and not in the future
+        o = self._expanded(q_nope[None], q_pe[None], c_kv[None].to(q_nope.dtype), k_pe[None].to(q_nope.dtype),
+                           mask[None, None])
+        return o[0]
 
     def _absorbed(self, q_nope, q_pe, kv, block_tables, lens):
         """One row per new token, each over its own prefix of its sequence's cached latents: W_UK folded into

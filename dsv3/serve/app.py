@@ -97,20 +97,35 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         msg = f"{param}: {err['msg']}" if param else err["msg"]
         return JSONResponse(APIError(status, msg, param=param).body(), status_code=status)
 
-    @app.middleware("http")
-    async def _size_limit_and_count(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > config.max_request_bytes:
-            body = APIError(400, f"request body of {size} bytes is over the limit of {config.max_request_bytes}")
-            response = JSONResponse(body.body(), status_code=400)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # a 500 for this request; the server goes on
-                response = _internal_error(e)
-        route = request.scope.get("route")
-        metrics.requests.labels(route.path if route else "unmatched", str(response.status_code)).inc()
-        return response
+    async def _size_limit_and_count(scope, receive, send, inner):
+        # A plain ASGI wrapper (Starlette's @app.middleware pipes every streamed chunk through a task group and a
+        # memory stream of its own).
+        if scope["type"] != "http":
+            return await inner(scope, receive, send)
+        status = None
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        size = dict(scope["headers"]).get(b"content-length", b"").decode()
+        try:
+            if size.isdigit() and int(size) > config.max_request_bytes:
+                body = APIError(400, f"request body of {size} bytes is over the limit of {config.max_request_bytes}")
+                await JSONResponse(body.body(), status_code=400)(scope, receive, send_counted)
+            else:
+                await inner(scope, receive, send_counted)
+        except Exception as e:  # a 500 for this request; the server goes on
+            if status is not None:  # the response had begun: all that is left is to end it
+                raise
+            await _internal_error(e)(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            metrics.requests.labels(route.path if route else "unmatched", str(status or 500)).inc()
+
+    app.add_middleware(_ASGIWrapper, handler=_size_limit_and_count)
 
     # ---- auth and admission --------------------------------------------------------------------------------
     def caller(request: Request) -> str:
@@ -437,6 +452,16 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     for prefix in config.prefixes:
         app.include_router(router, prefix=prefix)
     return app
+
+
+class _ASGIWrapper:
+    """`handler(scope, receive, send, inner)` around the rest of the app, as ASGI middleware."""
+
+    def __init__(self, app, handler):
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope, receive, send):
+        await self.handler(scope, receive, send, self.app)
 
 
 def _internal_error(e: Exception) -> JSONResponse:

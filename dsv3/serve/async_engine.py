@@ -5,6 +5,11 @@ aborts through a locked inbox and read their outputs from an asyncio queue each;
 `call_soon_threadsafe`, so the event loop never waits for a forward. A request whose reader goes away (client
 disconnect, cancellation) is aborted, which frees its blocks at once. An exception inside a step fails the
 requests that were running, is logged, and the thread goes on serving.
+
+Which thread: `start()` makes one (tests, an app served from a thread); `dsv3 serve` instead drives the engine
+from the process's main thread (`drive()`) and serves HTTP from another. NOTE: on a CPU, torch's OpenMP ops issued
+from a thread other than the main one pay ~70 us more per parallel region (libgomp; measured with 2 threads: a
+64x256x256 matmul 27 -> 105 us), which made a tiny-576 decode step 15 -> 28 ms.
 """
 from __future__ import annotations
 
@@ -32,15 +37,43 @@ class AsyncEngine:
         self._readers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = True  # until start()
         self._thread: threading.Thread | None = None
+        self._driven = False  # drive() runs the loop on its caller's thread
+        self._closed = False  # drive() returns
+        self._idle = threading.Event()  # no loop is running
+        self._idle.set()
 
     def start(self) -> None:
-        """Run the engine thread (the server's startup; again after a shutdown)."""
+        """Open for requests and run the engine loop (the server's startup; again after a shutdown): on the thread
+        that drive()s it, else on a new thread."""
         with self._wake:
+            self._stop = False
+            if self._driven:
+                self._wake.notify_all()
+                return
             if self._thread is not None and self._thread.is_alive():
                 return
-            self._stop = False
+            self._idle.clear()
             self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
             self._thread.start()
+
+    def drive(self) -> None:
+        """Run the engine loop on the calling thread whenever the server is started, until close()."""
+        with self._wake:
+            self._driven = True
+        while True:
+            with self._wake:
+                while self._stop and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                self._idle.clear()
+            self._run()
+
+    def close(self) -> None:
+        """drive() returns (once the loop it runs is stopped by shutdown())."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
 
     @property
     def num_requests(self) -> int:
@@ -86,10 +119,11 @@ class AsyncEngine:
             self._stop = True
             for rid in list(self._readers):
                 self._post(rid, EngineError("the server is shutting down"))
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.engine.flush_cache()
+            self._wake.notify_all()
+        if self._idle.wait(timeout):  # the loop left its step: the engine is ours to flush
+            self.engine.flush_cache()
+        else:
+            log.error("the engine loop did not stop within %.0f s; the prefix cache was not flushed", timeout)
 
     # ---- the engine thread -------------------------------------------------------------------------------
     def _post(self, request_id: str, item) -> None:
@@ -99,6 +133,12 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._idle.set()
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             with self._wake:
@@ -107,6 +147,7 @@ class AsyncEngine:
                 if self._stop:
                     for rid in list(engine.requests):
                         engine.abort(rid)
+                    self._adds.clear()
                     return
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []

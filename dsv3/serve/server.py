@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -53,5 +55,18 @@ def run(args) -> None:
     engine.warmup()
     config = ServerConfig(model_name=args.model_name or ckpt.resolve().name, api_keys=frozenset(keys),
                           max_concurrent_per_key=args.max_concurrent, max_queue=args.max_queue)
-    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, timeout_graceful_shutdown=30,
-                log_level="info")
+    app = create_app(engine, config)
+    # HTTP on a thread of its own, the engine on the main thread (async_engine.py says why). Signals reach only the
+    # main thread: they ask uvicorn to exit, as its own handler would (a second Ctrl-C forces it); its lifespan
+    # shutdown then stops the engine loop and flushes the prefix cache, and drive() returns once HTTP is done.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=30,
+                                           log_level="info"))
+    http = threading.Thread(target=server.run, name="dsv3-http")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    http.start()
+    threading.Thread(target=lambda: (http.join(), app.state.engine.close()), daemon=True).start()
+    app.state.engine.drive()
+    http.join()
+    if not server.started:
+        raise SystemExit(f"dsv3 serve: could not serve on {args.host}:{args.port} (see the log above)")
