@@ -34,7 +34,7 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     a = json.loads(open(sys.argv[1]).read())
-    llm = LLM(model=a["model"], dtype=a["dtype"], max_model_len=512, block_size=16, enforce_eager=True, seed=0,
+    llm = LLM(model=a["model"], dtype=a["dtype"], max_model_len=512, block_size=64, enforce_eager=True, seed=0,
               compilation_config={"custom_ops": ["-rotary_embedding"]})
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in a["new"]]
     prompts = [TokensPrompt(prompt_token_ids=p) for p in a["prompts"]]

@@ -37,15 +37,16 @@ def mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale, buckets: 
 
 
 def _attend(q_c, q_pe, kv, block_tables, seq_lens, scale):
-    C, bs = q_c.shape[-1], kv.shape[1]
+    (B, H, C), bs = q_c.shape, kv.shape[1]
     n_blocks = -(-int(seq_lens.max()) // bs)
-    lat = kv[block_tables[:, :n_blocks]].flatten(1, 2).to(q_c.dtype)  # (B, S, C + Dr), S = n_blocks · bs
+    # index_select copies whole blocks (2x faster on a CPU than advanced indexing with the 2-D table).
+    lat = kv.index_select(0, block_tables[:, :n_blocks].flatten()).view(B, n_blocks * bs, -1).to(q_c.dtype)
     # One matmul against whole latent rows does q_c·c_kv + q_pe·k_pe (4x faster on a CPU than two einsums
-    # over the rows' slices).
+    # over the rows' slices). (B, S, C + Dr), S = n_blocks · bs
     scores = torch.bmm(torch.cat((q_c, q_pe), -1), lat.transpose(1, 2)) * scale  # (B, H, S)
     pad = torch.arange(lat.shape[1], device=lat.device) >= seq_lens[:, None]  # (B, S)
     p = scores.float().masked_fill(pad[:, None], float("-inf")).softmax(-1).to(q_c.dtype)
-    return torch.bmm(p, lat[..., :C])  # (B, H, C)
+    return torch.bmm(p, lat)[..., :C]  # (B, H, C): against whole rows too (no copy of the c_kv slice)
 
 
 if triton is not None:
