@@ -26,8 +26,9 @@ def test_concurrent_streams_under_load(tmp_path):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
+    log = tmp_path / "server.log"  # a file, not a pipe: nobody reads a pipe until the end, and a full one blocks
     proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", str(tmp_path / "ckpt"), "--port", str(port),
-                             "--api-key", "k", "--max-num-seqs", "16"], stdout=subprocess.PIPE,
+                             "--api-key", "k", "--max-num-seqs", "16"], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -38,7 +39,8 @@ def test_concurrent_streams_under_load(tmp_path):
         after = rss_mib(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=60)[0]
+        proc.wait(timeout=60)
+        out = log.read_text()
     assert r["failed"] == 0, r["errors"]
     assert r["requests"] >= 16 and r["completion_tokens"] == 24 * r["requests"]  # ignore_eos: all 24 each
     assert after - before < 256, (before, after)  # MiB

@@ -273,6 +273,8 @@ class Engine:
         if picks:
             want = [rows[s.seq_id][i] for s, i in picks]
             chosen = logits if want == list(range(len(logits))) else logits[want]  # (plain decode: every row)
+            if any(s.matcher is not None for s, _ in picks):  # masked in place below: a copy, in fp32
+                chosen = chosen.to(torch.float32, copy=chosen is logits)
             for row, (s, _) in zip(chosen, picks):
                 if s.matcher is not None:  # constrained decoding (such sequences never draft)
                     s.matcher.mask(row)
