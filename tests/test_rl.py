@@ -141,6 +141,17 @@ def test_heldout_problems_never_appear_in_training():
         assert not train & test and all(split_of(q) == "test" for q in test)
 
 
+def test_a_small_task_gives_all_its_problems_when_asked_for_more():
+    # chain:2-2 is a sum of two digits 1-9: 81 questions, split between train and test by hash.
+    task = get_task("chain:2-2")
+    train = task.problems(1000, seed=0, fewer_ok=True)
+    questions = {p.question for p in train}
+    test = {p.question for p in task.problems(1000, seed=0, split="test", fewer_ok=True)}
+    assert len(questions) == len(train) and len(questions) + len(test) == 81 and not questions & test
+    with pytest.raises(ValueError, match="fewer than 1000 distinct train problems"):
+        task.problems(1000, seed=0)
+
+
 def test_reasoning_gym_task_is_scored_by_reasoning_gym():
     pytest.importorskip("reasoning_gym")
     task = get_task("rg:basic_arithmetic")

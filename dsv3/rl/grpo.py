@@ -125,7 +125,8 @@ class GRPOTrainer:
         self.autocast = self.device.type == "cuda" if cfg.autocast is None else cfg.autocast
         self.task = get_task(cfg.task)
         self.rewards = build_rewards(cfg.rewards, self.task, cfg.max_tokens, cfg.overlong_buffer)
-        self.train_problems = self.task.problems(cfg.steps * cfg.prompts_per_step, cfg.seed)
+        # Used in turn, again from the start once each was used (a small task has fewer than a long run asks for).
+        self.train_problems = self.task.problems(cfg.steps * cfg.prompts_per_step, cfg.seed, fewer_ok=True)
         self.heldout = self.task.problems(cfg.eval_n, cfg.seed, "test") if cfg.eval_every else []
         self.next_problem = 0
         self.opt = build_optimizer(self.model, cfg)

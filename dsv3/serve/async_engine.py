@@ -70,9 +70,9 @@ class AsyncEngine:
             self._run()
 
     def close(self) -> None:
-        """drive() returns (once the loop it runs is stopped by shutdown())."""
+        """drive() returns (after shutdown(); or at once, if the server never started or shut down)."""
         with self._wake:
-            self._closed = True
+            self._stop = self._closed = True
             self._wake.notify_all()
 
     @property
