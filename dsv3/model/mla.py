@@ -112,12 +112,13 @@ class MLA(nn.Module):
                  if s1 - s0 > ABSORBED_MAX_QUERY]
         # On a CPU, whole prompts (nothing cached before them: their new latents are all their keys, c_kv and
         # k_pe as written) need no gather from the pool, and short ones share an SDPA call (see _prompts).
-        fresh = [(s0, s1) for b, s0, s1 in spans if cache.seq_lens[b] == s1 - s0] if q_nope.device.type == "cpu" else []
-        for pack in _packs(fresh, PROMPT_PACK_TOKENS):
+        cpu = q_nope.device.type == "cpu"
+        whole = {b for b, s0, s1 in spans if cpu and cache.seq_lens[b] == s1 - s0}
+        for pack in _packs([(s0, s1) for b, s0, s1 in spans if b in whole], PROMPT_PACK_TOKENS):
             rows = torch.cat([torch.arange(s0, s1) for s0, s1 in pack]).to(q_nope.device)
             out[rows] = self._prompts(q_nope[rows], q_pe[rows], c_kv[rows], k_pe[rows], [s1 - s0 for s0, s1 in pack])
         for b, s0, s1 in spans:
-            if (s0, s1) not in fresh:
+            if b not in whole:
                 out[s0:s1] = self._prefill(q_nope[s0:s1], q_pe[s0:s1], cache.gather(self.layer_idx, b))
         if cache.decode:
             rows = cache.decode_rows
