@@ -185,6 +185,11 @@ def test_grouped_mm_matches_per_group_matmul():
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     grouped_mm_reference(xr, wr, offs).backward(torch.ones_like(y))
     assert torch.allclose(xg.grad, xr.grad, atol=1e-5) and torch.allclose(wg.grad, wr.grad, atol=1e-4)
+    # No rows at all (an expert-parallel rank that received none): an empty output that autograd still reaches.
+    x0 = torch.randn(0, 16, requires_grad=True)
+    y0 = grouped_mm(x0, wg, torch.zeros(5, dtype=torch.int32))
+    assert y0.shape == (0, 24) and y0.grad_fn is not None
+    assert torch.equal(torch.autograd.grad(y0.sum(), wg)[0], torch.zeros_like(wg))
 
 
 def test_training_step_reduces_loss(tiny_cfg):

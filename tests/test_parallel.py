@@ -144,11 +144,15 @@ def shard_experts(model: torch.nn.Module, ep: int, ep_rank: int, group=None) -> 
 
 
 def _ep_worker(rank: int, init_file: str):
+    import datetime
+
     import torch.distributed as dist
 
     from dsv3.config import preset
     from dsv3.model.moe import Experts
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=EP_RANKS)
+    # A short timeout: a collective that one rank skips is an error here, not a hang.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=EP_RANKS,
+                            timeout=datetime.timedelta(seconds=60))
     torch.set_default_dtype(torch.float64)
     cfg = preset("tiny").replace(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=3)
     g = torch.Generator().manual_seed(0)
@@ -159,34 +163,39 @@ def _ep_worker(rank: int, init_file: str):
     x = torch.randn(EP_RANKS * N, D, generator=g)
     idx = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(EP_RANKS * N)])
     idx[:20] = torch.tensor([0, 1, 2])  # rank 0's early tokens crowd rank 0's experts; expert 7 gets fewer
+    # Then every token on rank 0's experts: rank 1 receives no rows, and must still join the backward's exchanges.
+    only_rank0 = torch.stack([torch.randperm(4, generator=g)[:3] for _ in range(EP_RANKS * N)])
     w = torch.rand(EP_RANKS * N, 3, generator=g)
     proj = torch.randn(D, generator=g)
 
     def run(module, xs, ws, ids):
+        module.zero_grad()
         xs, ws = xs.clone().requires_grad_(), ws.clone().requires_grad_()
         y, counts = module(xs, ws, ids)
         (y * proj).sum().backward()
         return y, xs.grad, ws.grad, counts
 
-    y_ref, dx_ref, dw_ref, counts_ref = run(ref, x, w, idx)  # one process, the global batch
     ep = Experts(cfg)
     ep.load_state_dict(ref.state_dict())
     assert shard_experts(torch.nn.ModuleList([ep]), EP_RANKS, rank) == 1
     mine = slice(rank * N, (rank + 1) * N)
-    y, dx, dw, counts = run(ep, x[mine], w[mine], idx[mine])
-    # Node-limited dispatch: each token once per rank holding any of its 3 experts (rank 0's first 20 tokens have
-    # all three on rank 0: one row each, not three).
-    assert ep.rows_sent == len({(t, int(e) // 4) for t, row in enumerate(idx[mine]) for e in row})
-    assert rank or ep.rows_sent <= 2 * N - 20
     experts = slice(rank * 4, (rank + 1) * 4)
-    torch.testing.assert_close(y, y_ref[mine], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dx, dx_ref[mine], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dw, dw_ref[mine], rtol=1e-12, atol=1e-12)
-    # This rank's experts saw every rank's rows: their gradients are the whole batch's.
-    torch.testing.assert_close(ep.gate_up_proj.grad, ref.gate_up_proj.grad[experts], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ep.down_proj.grad, ref.down_proj.grad[experts], rtol=1e-12, atol=1e-12)
-    dist.all_reduce(counts)
-    assert torch.equal(counts, counts_ref)
+    for routing in (idx, only_rank0):
+        y_ref, dx_ref, dw_ref, counts_ref = run(ref, x, w, routing)  # one process, the global batch
+        y, dx, dw, counts = run(ep, x[mine], w[mine], routing[mine])
+        # Node-limited dispatch: each token once per rank holding any of its 3 experts (rank 0's first 20 tokens
+        # have all three on rank 0: one row each, not three).
+        assert ep.rows_sent == len({(t, int(e) // 4) for t, row in enumerate(routing[mine]) for e in row})
+        assert rank or ep.rows_sent <= 2 * N - 20
+        torch.testing.assert_close(y, y_ref[mine], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dx, dx_ref[mine], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dw, dw_ref[mine], rtol=1e-12, atol=1e-12)
+        # This rank's experts saw every rank's rows: their gradients are the whole batch's (zero on rank 1 when
+        # no row reached it).
+        torch.testing.assert_close(ep.gate_up_proj.grad, ref.gate_up_proj.grad[experts], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ep.down_proj.grad, ref.down_proj.grad[experts], rtol=1e-12, atol=1e-12)
+        dist.all_reduce(counts)
+        assert torch.equal(counts, counts_ref)
     dist.destroy_process_group()
 
 

@@ -33,8 +33,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
         x, w = x.to(dtype), w.to(dtype)
     elif w.dtype != x.dtype:
         w = w.to(x.dtype)
-    if x.shape[0] == 0:
-        return x.new_zeros(0, w.shape[-1])
+    if x.shape[0] == 0:  # no rows, but still a node over x and w: an expert-parallel rank that received no rows
+        return x @ w[0]  # must run the backward's collectives (reached through it) like its peers, or they hang
     if _fused_ok(x):
         return (torch._grouped_mm if x.is_cuda else _grouped_mm_cpu)(x, w, offs=offs)
     return grouped_mm_reference(x, w, offs)
