@@ -354,3 +354,57 @@ def test_chat_cli_streams_turns_and_keeps_history_without_reasoning(model, tok, 
     for d in ["<think>", "let me ", "see", "</think>", "The answer", " is 4."]:
         s.write(d)
     assert s.answer == "The answer is 4." and "\x1b[2mlet me \x1b[0m" in out.getvalue()
+
+
+def test_overlapped_decode_gives_the_plain_loops_outputs(model, tok):
+    """EngineConfig.overlap (on by default with CUDA graphs) launches each decode step before reading back the
+    previous one's tokens, feeding them on the device. Forced on here on the CPU, over requests that join late,
+    stop on a token, sample with seeds (n=2, top_k), ask for logprobs (plain steps while it runs) and get aborted:
+    every completion and its streamed deltas equal the plain loop's, greedy ones equal full recomputation, the
+    pool ends empty, and most steps ran overlapped."""
+    ps = prompts(6, [5, 37, 70, 19, 12, 28], seed=8)
+    ref = reference_greedy(model, ps[4], 30)
+    schedule = {0: [(ps[0], SamplingParams(max_tokens=40, **GREEDY)),
+                    (ps[1], SamplingParams(temperature=0.9, seed=3, max_tokens=33, ignore_eos=True)),
+                    (ps[2], SamplingParams(n=2, temperature=1.0, seed=5, top_k=50, max_tokens=25))],
+                6: [(ps[3], SamplingParams(temperature=0.7, seed=9, max_tokens=45, ignore_eos=True))],
+                9: [(ps[4], SamplingParams(max_tokens=30, stop_token_ids=[ref[12]], **GREEDY))],
+                30: [(ps[5], SamplingParams(max_tokens=8, logprobs=2, **GREEDY))]}
+
+    def generate(overlap):
+        engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, overlap=overlap))
+        reads = []
+        read = engine._read_ahead
+        engine._read_ahead = lambda a: reads.append(len(a.seqs)) or read(a)
+        streams, done, step, order = {}, {}, 0, []
+        while step <= max(schedule) or engine.has_unfinished():
+            for p, sp in schedule.get(step, []):
+                order.append(engine.add_request(p, sp))
+            if step == 20:
+                engine.abort(order[3])  # mid-way, while a step may be in flight
+            for out in engine.step():
+                for c in out.outputs:
+                    s = streams.setdefault((order.index(out.request_id), c.index), ["", []])
+                    s[0] += c.delta_text
+                    s[1] += c.delta_token_ids
+                if out.finished:
+                    done[order.index(out.request_id)] = out
+            step += 1
+        assert engine.pool.num_free == engine.pool.num_blocks
+        return done, streams, len(reads), step
+
+    plain, plain_streams, none, _ = generate(False)
+    ours, streams, overlapped, steps = generate(True)
+    assert none == 0 and overlapped > steps // 2
+    assert sorted(ours) == sorted(plain) == [0, 1, 2, 4, 5]  # 3 was aborted
+    for i, out in ours.items():
+        assert [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs] == \
+            [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in plain[i].outputs]
+    aborted, plain_aborted = streams.pop((3, 0)), plain_streams.pop((3, 0))  # as far as it got: joined a step
+    assert streams == plain_streams and 0 < len(aborted[1]) <= len(plain_aborted[1])  # later (a step was in
+    assert aborted[1] == plain_aborted[1][: len(aborted[1])]  # flight when it came), the same tokens so far
+    assert all(text == c.text and ids == c.token_ids for (i, k), (text, ids) in streams.items() if i in ours
+               for c in [ours[i].outputs[k]])
+    assert ours[0].outputs[0].token_ids == reference_greedy(model, ps[0], 40)
+    assert ours[4].outputs[0].token_ids == ref[: ref.index(ref[12]) + 1]  # stopped on its token
+    assert ours[5].outputs[0].logprobs is not None and len(ours[5].outputs[0].logprobs) == 8

@@ -76,24 +76,28 @@ class DecodeRunner:
         self.hidden = (torch.zeros(max_rows, hidden_size, dtype=kv[0].dtype, device=dev)
                        if hidden_size is not None else None)
 
-    def __call__(self, ids: list[int], pos: list[int], slots: list[int], tables: list[list[int]],
+    def __call__(self, ids: list[int] | torch.Tensor, pos: list[int], slots: list[int], tables: list[list[int]],
                  lens: list[int], hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """One row per entry: token id, position, the slot its latent goes to, its sequence's block table and
-        the number of cache rows it sees (itself included). Returns fn's outputs for these T rows."""
+        """One row per entry: token id (a host list, or already on the device), position, the slot its latent
+        goes to, its sequence's block table and the number of cache rows it sees (itself included). Returns fn's
+        outputs for these T rows."""
         T = len(ids)
         dev = self.kv[0].device
+        on_device = isinstance(ids, torch.Tensor)
         if not self.graphs or T > self.max_rows:
             w = max(map(len, tables))
             table = to_device([t + [self.scratch] * (w - len(t)) for t in tables], dev)
             cache = PagedKV(self.kv, to_device(slots, dev), table, None, None, row_lens=to_device(lens, dev))
-            return self.fn(cache, to_device(ids, dev), to_device(pos, dev), hidden)
+            return self.fn(cache, ids if on_device else to_device(ids, dev), to_device(pos, dev), hidden)
         B = next(b for b in self.buckets if b >= T)
         if B not in self.captured:
             self.captured[B] = self._capture(B)
         pad, bs = B - T, self.kv[0].shape[1]
-        staged = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.scratch * bs] * pad,
-                               lens + [1] * pad], dtype=torch.long).pin_memory()
+        staged = torch.tensor([[0] * B if on_device else ids + [0] * pad, pos + [0] * pad,
+                               slots + [self.scratch * bs] * pad, lens + [1] * pad], dtype=torch.long).pin_memory()
         self.ints[: 4 * B].copy_(staged.view(-1), non_blocking=True)
+        if on_device:
+            self.ints[:T].copy_(ids)
         # Only the columns these rows use: the kernel never reads a table past a row's length, and padding
         # rows (length 1) read column 0, which is a real block (harmless) or the scratch block.
         w = max(map(len, tables))

@@ -20,7 +20,7 @@ from dsv3.infer.cuda_graphs import DecodeRunner, fused_pieces
 from dsv3.infer.detokenizer import IncrementalDetokenizer
 from dsv3.infer.kv_cache import BlockPool, allocate_pools, bytes_per_token, default_cache_bytes
 from dsv3.infer.prefix_cache import SpillStore
-from dsv3.infer.sampler import SamplingParams, TokenLogprobs, sample
+from dsv3.infer.sampler import SamplingParams, TokenLogprobs, choose, sample
 from dsv3.infer.scheduler import Scheduler, Sequence
 from dsv3.infer.speculative import accept_greedy, propose, verify
 from dsv3.model import PagedKV, Transformer
@@ -42,6 +42,8 @@ class EngineConfig:
     disk_cache_dir: str | None = None  # ... and then on disk here, across restarts (None: no disk tier)
     disk_cache_bytes: int = 16 << 30
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU only; off: eager, for debugging)
+    overlap: bool | None = None  # launch a plain decode step before reading back the previous one's tokens
+    # (see Engine.step); None: on with CUDA graphs
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -113,6 +115,8 @@ class Engine:
             self.pool.spill = self.store.put
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_batched_tokens, self.store)
         self.requests: dict[str, list[Sequence]] = {}
+        self.overlap = cfg.overlap if cfg.overlap is not None else self._decode.graphs
+        self._ahead: _Ahead | None = None  # a decode step launched whose tokens are not read back yet
         self._rng = torch.Generator().manual_seed(cfg.seed)
         self._next_id = itertools.count()
 
@@ -181,6 +185,23 @@ class Engine:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One forward of the running batch -> what each request gained. With `overlap`, while every running
+        sequence is a plain decode (nothing waiting, no penalties, logprobs, grammar or drafts), each call first
+        launches the next decode step, its input tokens taken on the device from the step launched last call, and
+        only then reads that step's tokens back and does the host's work on them (detokenize, stops, outputs): on a
+        GPU that work overlaps the forward instead of leaving the GPU idle. A sequence that stops on a token
+        (EOS, a stop string) has one wasted row in the step launched meanwhile; one that reaches max_tokens is
+        left out of it. Tokens are those of the plain loop: the same rows, in the same order, from the same
+        generators."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._launch_ahead(ahead)
+            return self._read_ahead(ahead)
+        outs = self._step()
+        self._launch_ahead(None)
+        return outs
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_work():
@@ -204,6 +225,51 @@ class Engine:
         if self.spec:
             self._draft(pairs, valid, hidden)
         return self._outputs(dict.fromkeys(s.request_id for s in batch.seqs), appended)
+
+    @torch.inference_mode()
+    def _launch_ahead(self, prev: _Ahead | None) -> None:
+        """Launch a decode step of the running sequences (see `step`): after a plain step (`prev` None) on their
+        last tokens, or on the tokens of `prev`, still on the device, one position further."""
+        if not self.overlap or self.spec or self.scheduler.waiting or not self.scheduler.running:
+            return
+        pending = prev is not None  # prev's tokens are not in all_ids yet
+        batch, rows = [], []
+        for s in self.scheduler.running:
+            p = s.params
+            if (s.in_prefill or s.draft or s.matcher is not None or p.logprobs is not None or p.has_penalties
+                    or len(s.output_ids) < p.min_tokens or (pending and s not in prev.index)):
+                return
+            if pending and ((p.max_tokens is not None and len(s.output_ids) + 1 >= p.max_tokens)
+                            or len(s.all_ids) + 1 >= self.max_len):
+                continue  # prev's token is its last
+            batch.append(s)
+            rows.append(prev.index[s] if pending else None)
+        bs, pos, slots = self.config.block_size, [], []
+        for s in batch:
+            q = s.num_computed + pending  # the input token's position
+            if not self.scheduler.reserve(s, q + 1):
+                return  # the pool is full: the plain loop preempts
+            pos.append(q)
+            slots.append(s.blocks[q // bs] * bs + q % bs)
+        if not batch:
+            return
+        if pending:
+            ids = prev.tokens if rows == list(range(len(prev.seqs))) else prev.tokens[to_device(rows, self.device)]
+        else:
+            ids = [s.all_ids[-1] for s in batch]
+        logits, _ = self._decode(ids, pos, slots, [s.blocks for s in batch], [q + 1 for q in pos])
+        tokens = choose(logits, [s.params for s in batch], [s.prompt_ids for s in batch],
+                        [s.output_ids for s in batch], [s.generator for s in batch], self.tokenizer.eos_id)
+        self._ahead = _Ahead(batch, tokens)
+
+    def _read_ahead(self, a: _Ahead) -> list[RequestOutput]:
+        appended = {}
+        for s, tok in zip(a.seqs, a.host_list()):
+            if not s.finished:  # (aborted, or stopped on the token before: a wasted row)
+                self.scheduler.computed(s, 1)
+                self._append(s, tok, None)
+                appended[s.seq_id] = [tok]
+        return self._outputs(dict.fromkeys(s.request_id for s in a.seqs), appended)
 
     @torch.inference_mode()
     def _forward(self, pairs, ends):
@@ -369,6 +435,26 @@ class Engine:
             if done:
                 del self.requests[rid]
         return outs
+
+
+class _Ahead:
+    """A launched decode step: its sequences and their sampled tokens (on the device), copied to host memory as
+    soon as the GPU has them."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor):
+        self.seqs, self.tokens = seqs, tokens
+        self.index = {s: i for i, s in enumerate(seqs)}
+        self.host, self.done = tokens, None
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def host_list(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()  # this step only, not the one launched after it
+        return self.host.tolist()
 
 
 def _keep_freed_host_memory() -> None:

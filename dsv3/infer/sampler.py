@@ -215,6 +215,13 @@ def draw_rows(w_RV: Tensor, generators: list[torch.Generator | None]) -> Tensor:
 def sample(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
            output_ids: list[list[int]], generators: list[torch.Generator | None],
            eos_id: int | None) -> SampleOutput:
+    token_ids = host_list(choose(logits_RV, params, prompt_ids, output_ids, generators, eos_id))
+    return SampleOutput(token_ids, token_logprobs(logits_RV, token_ids, [p.logprobs for p in params]))
+
+
+def choose(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+           output_ids: list[list[int]], generators: list[torch.Generator | None], eos_id: int | None) -> Tensor:
+    """(R,) the sampled token ids, on the logits' device (no host sync)."""
     R, V = logits_RV.shape
     if not len(params) == len(prompt_ids) == len(output_ids) == len(generators) == R:
         raise ValueError(f"logits rows={R} must equal len(params)={len(params)}, len(prompt_ids)="
@@ -234,8 +241,7 @@ def sample(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[lis
         if plain:
             w_SV.mul_(1 / _row_param(params, rows, "temperature", w_SV.device))
         token_R[rows] = draw_rows(w_SV.exp_(), [generators[i] for i in rows])
-    token_ids = host_list(token_R)
-    return SampleOutput(token_ids, token_logprobs(logits_RV, token_ids, [p.logprobs for p in params]))
+    return token_R
 
 
 def host_list(t: Tensor) -> list:

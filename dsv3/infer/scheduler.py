@@ -148,6 +148,10 @@ class Scheduler:
             seq.num_cached = seq.num_computed
         return n
 
+    def reserve(self, seq: Sequence, n_tokens: int) -> bool:
+        """Blocks for the first n_tokens of `seq` (the engine's overlapped decode); False if the pool is out."""
+        return self._grow(seq, n_tokens)
+
     def _grow(self, seq: Sequence, n_tokens: int) -> bool:
         need = -(-n_tokens // self.pool.block_size) - len(seq.blocks)
         if need <= 0:

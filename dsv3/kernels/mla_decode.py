@@ -51,13 +51,16 @@ def _attend(q_c, q_pe, kv, block_tables, seq_lens, scale):
 
 if triton is not None:
     @triton.jit
-    def _mla_decode_kernel(q_c, q_pe, kv, tables, lens, out, scale, H, C, R, bs,
-                           s_qc_b, s_qc_h, s_qp_b, s_qp_h, s_kv_blk, s_kv_tok, s_tab_b, s_o_b, s_o_h,
+    def _mla_decode_kernel(q_c, q_pe, kv, tables, lens, out, lse, scale, H, C, R, bs,
+                           s_qc_b, s_qc_h, s_qp_b, s_qp_h, s_kv_blk, s_kv_tok, s_tab_b, s_o_b, s_o_h, s_o_s,
                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
-        # One program: BLOCK_H heads of one sequence; online softmax over its tokens, BLOCK_N at a time.
+                           BLOCK_R: tl.constexpr, SPLITS: tl.constexpr):
+        # One program: BLOCK_H heads of one sequence over split `sp` of its tokens (a contiguous range, a whole
+        # number of BLOCK_N), online softmax BLOCK_N tokens at a time. One split: the normalized output. Several:
+        # each split's normalized partial output and its log-sum-exp, merged by _mla_combine_kernel.
         b = tl.program_id(0)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        sp = tl.program_id(2)
         c = tl.arange(0, BLOCK_C)
         r = tl.arange(0, BLOCK_R)
         hm = h < H
@@ -66,13 +69,15 @@ if triton is not None:
         qp = tl.load(q_pe + b * s_qp_b + h[:, None] * s_qp_h + r[None, :], mask=hm[:, None] & (r[None, :] < R),
                      other=0.0)  # (BLOCK_H, BLOCK_R)
         L = tl.load(lens + b)
+        per = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
+        start = sp * per
+        end = tl.minimum(start + per, L)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
-        start = 0
-        while start < L:  # `while`, not range(0, L, ...): Triton 3.6's interpreter fails on a runtime range
+        while start < end:  # `while`, not range(0, L, ...): Triton 3.6's interpreter fails on a runtime range
             n = start + tl.arange(0, BLOCK_N)
-            nm = n < L
+            nm = n < end
             blk = tl.load(tables + b * s_tab_b + n // bs, mask=nm, other=0)
             row = kv + blk * s_kv_blk + (n % bs) * s_kv_tok  # (BLOCK_N,) pointers to latent rows
             ck = tl.load(row[:, None] + c[None, :], mask=nm[:, None] & (c[None, :] < C), other=0.0)
@@ -86,43 +91,77 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(ck.dtype), ck).to(tl.float32)
             m_i = m_new
             start += BLOCK_N
-        acc = acc / l_i[:, None]
-        tl.store(out + b * s_o_b + h[:, None] * s_o_h + c[None, :], acc.to(out.dtype.element_ty),
+        seen = l_i > 0  # a split past the sequence's end saw nothing
+        acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(out + b * s_o_b + h[:, None] * s_o_h + sp * s_o_s + c[None, :], acc.to(out.dtype.element_ty),
                  mask=hm[:, None] & (c[None, :] < C))
+        if SPLITS > 1:
+            tl.store(lse + (b * H + h) * SPLITS + sp, tl.where(seen, m_i + tl.log(l_i), float("-inf")), mask=hm)
+
+    @triton.jit
+    def _mla_combine_kernel(part, lse, out, H, C, s_o_b, s_o_h, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # One program: one (sequence, head); the splits' outputs weighted by exp(lse_s − max lse).
+        b, h = tl.program_id(0), tl.program_id(1)
+        s = tl.arange(0, SPLITS)
+        c = tl.arange(0, BLOCK_C)
+        lse_s = tl.load(lse + (b * H + h) * SPLITS + s)
+        w = tl.exp(lse_s - tl.max(lse_s, 0))  # the first split always saw a token: the max is finite
+        o = tl.load(part + ((b * H + h) * SPLITS + s[:, None]) * C + c[None, :], mask=c[None, :] < C, other=0.0)
+        o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(out + b * s_o_b + h * s_o_h + c, o.to(out.dtype.element_ty), mask=c < C)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def mla_decode(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n: int = 32):
-    """(B, H, C) attention output over each sequence's cached latents; see the module docstring."""
+def num_splits(batch: int, heads: int, device: torch.device) -> int:
+    """Splits of each sequence's tokens so that about two programs per multiprocessor run (flash-decoding): at
+    batch 1 one program would walk the whole cache alone. A power of two, 1 to 16."""
+    if device.type != "cuda":
+        return 1
+    programs = batch * triton.cdiv(heads, 16)
+    want = 2 * torch.cuda.get_device_properties(device).multi_processor_count / programs
+    return 1 << max(0, min(4, int(want).bit_length() - 1))
+
+
+def mla_decode(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n: int = 32, splits: int | None = None):
+    """(B, H, C) attention output over each sequence's cached latents; see the module docstring. `splits`: how
+    many programs share one sequence's tokens (default: `num_splits`)."""
     if not _use_triton(q_c):
         return mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale)
-    return _mla_decode_triton(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n)
+    splits = splits or num_splits(q_c.shape[0], q_c.shape[1], q_c.device)
+    return _mla_decode_triton(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n, splits)
 
 
 # An opaque op to torch.compile: Inductor neither re-traces the kernel nor, unable to see what it writes, copies
 # the whole KV pool around it.
 @torch.library.custom_op("dsv3::mla_decode", mutates_args=())
 def _mla_decode_triton(q_c: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
-                       seq_lens: torch.Tensor, scale: float, block_n: int) -> torch.Tensor:
+                       seq_lens: torch.Tensor, scale: float, block_n: int, splits: int) -> torch.Tensor:
     B, H, C = q_c.shape
     R = q_pe.shape[-1]
     q_c, q_pe = q_c.contiguous(), q_pe.contiguous().to(q_c.dtype)
     kv = kv.to(q_c.dtype) if kv.dtype != q_c.dtype else kv
     tables, lens = block_tables.contiguous().to(torch.int32), seq_lens.contiguous().to(torch.int32)
     out = torch.empty_like(q_c)
+    # Several splits write fp32 partials (B, H, splits, C) and their log-sum-exps, then one merge.
+    part = out if splits == 1 else q_c.new_empty(B, H, splits, C, dtype=torch.float32)
+    lse = part if splits == 1 else q_c.new_empty(B, H, splits, dtype=torch.float32)
     block_h = 16  # tl.dot wants M >= 16; fewer heads are masked
-    grid = (B, triton.cdiv(H, block_h))
-    _mla_decode_kernel[grid](q_c, q_pe, kv, tables, lens, out, scale, H, C, R, kv.shape[1],
-                             q_c.stride(0), q_c.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
-                             kv.stride(1), tables.stride(0), out.stride(0), out.stride(1),
-                             BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_C=max(16, triton.next_power_of_2(C)),
-                             BLOCK_R=max(16, triton.next_power_of_2(R)))
+    block_c = max(16, triton.next_power_of_2(C))
+    s_o = (out.stride(0), out.stride(1), 0) if splits == 1 else (part.stride(0), part.stride(1), part.stride(2))
+    _mla_decode_kernel[(B, triton.cdiv(H, block_h), splits)](
+        q_c, q_pe, kv, tables, lens, part, lse, scale, H, C, R, kv.shape[1], q_c.stride(0), q_c.stride(1),
+        q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1), tables.stride(0), *s_o,
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        SPLITS=splits)
+    if splits > 1:
+        _mla_combine_kernel[(B, H)](part, lse, out, H, C, out.stride(0), out.stride(1), SPLITS=splits,
+                                    BLOCK_C=block_c)
     return out
 
 
 @_mla_decode_triton.register_fake
-def _(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n):
+def _(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n, splits):
     return q_c.new_empty(q_c.shape)  # contiguous, as the kernel's output

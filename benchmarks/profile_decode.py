@@ -1,0 +1,147 @@
+"""Where a decode step goes (GPU): the engine's step time next to its CUDA graph's replay alone, and the kernels in
+a step by device time (torch.profiler), on the random-weight model of `bench_decode.py`.
+
+  python benchmarks/profile_decode.py --preset bench-684m --batches 1,32
+Prints a table per batch size; writes benchmarks/results/profile_decode_<preset>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dsv3 import Engine, EngineConfig, SamplingParams, preset  # noqa: E402
+from dsv3.data.bpe import train_bpe  # noqa: E402
+from dsv3.data.corpus import read_documents  # noqa: E402
+from dsv3.io.hf import build_model  # noqa: E402
+
+
+def kernel_splits(B, L, heads, C, R, steps):
+    """The absorbed decode kernel alone at batch B over L cached tokens: µs with one program per sequence and with
+    the default split (CUDA events, median)."""
+    from dsv3.kernels.mla_decode import mla_decode, num_splits
+    g = torch.Generator().manual_seed(0)
+    bs, n = 64, -(-L // 64)
+    kv = torch.randn(B * n + 1, bs, C + R, generator=g).to("cuda", torch.bfloat16)
+    tables = torch.randperm(B * n, generator=g)[: B * n].view(B, n).cuda()
+    lens = torch.full((B,), L, device="cuda")
+    q_c, q_pe = (torch.randn(B, heads, d, generator=g).to("cuda", torch.bfloat16) for d in (C, R))
+    out = {}
+    for splits in (1, num_splits(B, heads, torch.device("cuda"))):
+        times = []
+        for _ in range(steps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            mla_decode(q_c, q_pe, kv, tables, lens, 0.1, splits=splits)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        out[splits] = statistics.median(times[steps // 4:])
+    return out
+
+
+def steady_engine(model, tok, B, prompt_len, overlap):
+    """An engine whose B sequences all decode (prefill done, 10 steps in)."""
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=B, num_blocks=B * 40 + 8, overlap=overlap))
+    engine.warmup()
+    g = torch.Generator().manual_seed(B)
+    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+    for p in torch.randint(2, tok.vocab_size, (B, prompt_len), generator=g).tolist():
+        engine.add_request(p, params)
+    while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(10):
+        engine.step()
+    return engine
+
+
+def step_ms(engine, steps):
+    """Median wall time of engine.step() in steady decode (no device sync: see bench_decode.run_ours)."""
+    walls = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(walls)
+
+
+def profile(model, tok, B, prompt_len, steps):
+    plain = steady_engine(model, tok, B, prompt_len, overlap=False)
+    plain_ms = step_ms(plain, steps)
+    del plain
+    torch.cuda.empty_cache()
+    engine = steady_engine(model, tok, B, prompt_len, overlap=True)
+    overlap_ms = step_ms(engine, steps)
+    runner = engine._decode
+    graph, _ = runner.captured[next(b for b in runner.buckets if b >= B)]
+    replays = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        replays.append(a.elapsed_time(b) / 1e3)
+    n = 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            engine.step()
+        torch.cuda.synchronize()
+    kernels = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[e.name[:90]]
+            k[0] += 1
+            k[1] += e.device_time_total  # microseconds
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    gpu_us = sum(v[1] for v in kernels.values()) / n
+    host = sorted(((e.key, e.self_cpu_time_total / n) for e in prof.key_averages()), key=lambda x: -x[1])[:15]
+    return {"step_ms": plain_ms, "step_ms_overlap": overlap_ms, "replay_ms": 1e3 * statistics.median(replays),
+            "kernels_per_step": sum(v[0] for v in kernels.values()) / n, "kernel_ms_per_step": gpu_us / 1e3,
+            "top_kernels": [(name, c / n, us / n) for name, (c, us) in top[:25]],
+            "top_host_self_us": host}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="bench-684m")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=100)
+    args = p.parse_args()
+    tok = train_bpe(read_documents(None), 1024)
+    torch.manual_seed(0)
+    model = build_model(preset(args.preset).replace(num_nextn_predict_layers=0), "cuda", torch.bfloat16)
+    model.init_weights()
+    model.eval()
+    cfg = model.config
+    results = {"kernel_us_by_splits": {}}
+    for B in (1, 32, 128):
+        k = results["kernel_us_by_splits"][B] = kernel_splits(B, 384, cfg.num_attention_heads, cfg.kv_lora_rank,
+                                                              cfg.qk_rope_head_dim, args.steps)
+        print(f"mla_decode batch {B}, 384 tokens: " + ", ".join(f"{s} splits {us:.1f} us" for s, us in k.items()))
+    for B in [int(b) for b in args.batches.split(",")]:
+        r = results[B] = profile(model, tok, B, args.prompt_len, args.steps)
+        print(f"\n== batch {B}: step {r['step_ms']:.3f} ms (overlapped {r['step_ms_overlap']:.3f} ms), graph replay "
+              f"{r['replay_ms']:.3f} ms, "
+              f"{r['kernels_per_step']:.0f} kernels / step, {r['kernel_ms_per_step']:.3f} ms of kernel time")
+        for name, c, us in r["top_kernels"]:
+            print(f"{us:9.1f} us {c:6.1f}x  {name}")
+        print("host (self cpu us per step):")
+        for name, us in r["top_host_self_us"]:
+            print(f"{us:9.1f} us  {name[:90]}")
+    out = Path(__file__).parent / "results" / f"profile_decode_{args.preset}.json"
+    out.write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name(),
+                               "torch": torch.__version__, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
