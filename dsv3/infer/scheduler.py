@@ -98,7 +98,7 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             if n <= 0:
                 continue
-            while not self._grow(seq, seq.num_computed + n):
+            while not self.reserve(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -138,7 +138,7 @@ class Scheduler:
         first = not seq.output_ids and seq.num_cached == 0
         seq.blocks, seq.num_computed, seq.num_registered = blocks, len(blocks) * bs, len(blocks)
         n = min(len(seq.all_ids) - seq.num_computed, budget)
-        if not self._grow(seq, seq.num_computed + n):
+        if not self.reserve(seq, seq.num_computed + n):
             self.pool.release(seq.blocks)
             seq.blocks, seq.num_computed, seq.num_registered = [], 0, 0
             return 0
@@ -149,10 +149,7 @@ class Scheduler:
         return n
 
     def reserve(self, seq: Sequence, n_tokens: int) -> bool:
-        """Blocks for the first n_tokens of `seq` (the engine's overlapped decode); False if the pool is out."""
-        return self._grow(seq, n_tokens)
-
-    def _grow(self, seq: Sequence, n_tokens: int) -> bool:
+        """Blocks for the first n_tokens of `seq`; False if the pool is out."""
         need = -(-n_tokens // self.pool.block_size) - len(seq.blocks)
         if need <= 0:
             return True
