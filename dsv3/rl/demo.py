@@ -31,14 +31,14 @@ class DemoConfig:
     task: str = "chain:2-4"
     pretrain_steps: int = 150
     pretrain_lr: float = 3e-3
-    sft_steps: int = 200  # a warm start on the answer format (16 packed rows of 256 tokens per step)
+    sft_steps: int = 400  # a warm start on the answer format (16 packed rows of 256 tokens per step)
     sft_examples: int = 5000  # repeated over epochs as the steps need
     direct_fraction: float = 0.7  # warm-start solutions that answer at once, with an empty reasoning block
     sft_lr: float = 2e-3
-    grpo_steps: int = 300
+    grpo_steps: int = 200
     prompts_per_step: int = 16
     group_size: int = 8
-    grpo_lr: float = 1e-5
+    grpo_lr: float = 1.5e-5
     temperature: float = 1.0
     max_tokens: int = 64
     n_heldout: int = 200
