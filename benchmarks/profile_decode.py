@@ -1,5 +1,6 @@
-"""Where a decode step goes (GPU): the engine's step time next to its CUDA graph's replay alone, and the kernels in
-a step by device time (torch.profiler), on the random-weight model of `bench_decode.py`.
+"""Where a decode step goes (GPU): the engine's step time (with and without overlapped decode) next to its CUDA graph's
+replay alone, and the kernels in a step by device time (torch.profiler), on the random-weight model of
+`bench_decode.py`. `--no-split`: the decode kernel with one program per sequence, for comparison.
 
   python benchmarks/profile_decode.py --preset bench-684m --batches 1,32
 Prints a table per batch size; writes benchmarks/results/profile_decode_<preset>.json.
@@ -21,30 +22,7 @@ from dsv3 import Engine, EngineConfig, SamplingParams, preset  # noqa: E402
 from dsv3.data.bpe import train_bpe  # noqa: E402
 from dsv3.data.corpus import read_documents  # noqa: E402
 from dsv3.io.hf import build_model  # noqa: E402
-
-
-def kernel_splits(B, L, heads, C, R, steps):
-    """The absorbed decode kernel alone at batch B over L cached tokens: µs with one program per sequence and with
-    the default split (CUDA events, median)."""
-    from dsv3.kernels.mla_decode import mla_decode, num_splits
-    g = torch.Generator().manual_seed(0)
-    bs, n = 64, -(-L // 64)
-    kv = torch.randn(B * n + 1, bs, C + R, generator=g).to("cuda", torch.bfloat16)
-    tables = torch.randperm(B * n, generator=g)[: B * n].view(B, n).cuda()
-    lens = torch.full((B,), L, device="cuda")
-    q_c, q_pe = (torch.randn(B, heads, d, generator=g).to("cuda", torch.bfloat16) for d in (C, R))
-    out = {}
-    for splits in (1, num_splits(B, heads, torch.device("cuda"))):
-        times = []
-        for _ in range(steps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            mla_decode(q_c, q_pe, kv, tables, lens, 0.1, splits=splits)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-        out[splits] = statistics.median(times[steps // 4:])
-    return out
+from dsv3.kernels import mla_decode  # noqa: E402
 
 
 def steady_engine(model, tok, B, prompt_len, overlap):
@@ -116,18 +94,16 @@ def main():
     p.add_argument("--batches", default="1,32")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--no-split", action="store_true", help="one program per sequence in the decode kernel")
     args = p.parse_args()
+    if args.no_split:
+        mla_decode.num_splits = lambda *_: 1
     tok = train_bpe(read_documents(None), 1024)
     torch.manual_seed(0)
     model = build_model(preset(args.preset).replace(num_nextn_predict_layers=0), "cuda", torch.bfloat16)
     model.init_weights()
     model.eval()
-    cfg = model.config
-    results = {"kernel_us_by_splits": {}}
-    for B in (1, 32, 128):
-        k = results["kernel_us_by_splits"][B] = kernel_splits(B, 384, cfg.num_attention_heads, cfg.kv_lora_rank,
-                                                              cfg.qk_rope_head_dim, args.steps)
-        print(f"mla_decode batch {B}, 384 tokens: " + ", ".join(f"{s} splits {us:.1f} us" for s, us in k.items()))
+    results = {}
     for B in [int(b) for b in args.batches.split(",")]:
         r = results[B] = profile(model, tok, B, args.prompt_len, args.steps)
         print(f"\n== batch {B}: step {r['step_ms']:.3f} ms (overlapped {r['step_ms_overlap']:.3f} ms), graph replay "
@@ -138,7 +114,7 @@ def main():
         print("host (self cpu us per step):")
         for name, us in r["top_host_self_us"]:
             print(f"{us:9.1f} us  {name[:90]}")
-    out = Path(__file__).parent / "results" / f"profile_decode_{args.preset}.json"
+    out = Path(__file__).parent / "results" / f"profile_decode_{args.preset}{'_no-split' if args.no_split else ''}.json"
     out.write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name(),
                                "torch": torch.__version__, "results": results}, indent=1) + "\n")
 
