@@ -7,6 +7,11 @@ the S_b cached latents of its sequence, read block by block through its block ta
 Per-head K/V are never formed: all H heads share the same (C + Dr)-wide latent rows, which is what makes MLA
 decode cheap in memory traffic — every cached row is read once per sequence for all heads.
 
+When the batch is small, each sequence's tokens are split over several programs (flash-decoding), each writing a
+partial output and its log-sum-exp, merged by a second kernel: at batch 1 a single program would walk the whole
+cache alone (bench-684m on an H200, the 12 layers' calls per step: 210 µs as one program per sequence, 52 + 25 µs
+split 16 ways and merged; at batch 32, 222 against 72 + 31 µs).
+
 `mla_decode` runs the Triton kernel on CUDA tensors (or anywhere under TRITON_INTERPRET=1, which is how CI
 tests it on a CPU) and the torch reference otherwise.
 """
