@@ -30,6 +30,7 @@ from dsv3.info import model_stats  # noqa: E402
 from dsv3.io.hf import build_model  # noqa: E402
 from dsv3.infer.kv_cache import bytes_per_token  # noqa: E402
 from dsv3.kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
+from dsv3.model.moe import Experts  # noqa: E402
 
 
 def kernel_check(device):
@@ -41,7 +42,20 @@ def kernel_check(device):
     q_c, q_pe = (torch.randn(B, H, d, generator=g).to(device, torch.bfloat16) for d in (C, R))
     ours = mla_decode(q_c, q_pe, kv, tables, lens.to(device), 0.1)
     ref = mla_decode_reference(q_c.double(), q_pe.double(), kv.double(), tables, lens.to(device), 0.1)
-    return ((ours.double() - ref).norm() / ref.norm()).item()
+    errs = {"mla_decode": ((ours.double() - ref).norm() / ref.norm()).item()}
+    # The routed experts' decode kernels (bench-684m's shapes) against the grouped path in float64 on the CPU.
+    experts = Experts(preset("bench-684m"))
+    experts.gate_up_proj.data.normal_(0, 0.03, generator=g)
+    experts.down_proj.data.normal_(0, 0.06, generator=g)
+    for N in (1, 32):
+        x = torch.randn(N, experts.gate_up_proj.shape[2], generator=g)
+        idx = torch.stack([torch.randperm(64, generator=g)[:6] for _ in range(N)])
+        w = torch.rand(N, 6, generator=g)
+        with torch.no_grad():
+            ref = experts.double()(x.double(), w.double(), idx)[0]
+            ours = experts.to(device, torch.bfloat16)(x.to(device, torch.bfloat16), w.to(device), idx.to(device))[0]
+        errs[f"moe_decode_{N}_rows"] = ((ours.cpu().double() - ref).norm() / ref.norm()).item()
+    return errs
 
 
 def copy_bandwidth(device) -> float:

@@ -1,6 +1,7 @@
 """Where a decode step goes (GPU): the engine's step time (with and without overlapped decode) next to its CUDA graph's
 replay alone, and the kernels in a step by device time (torch.profiler), on the random-weight model of
-`bench_decode.py`. `--no-split`: the decode kernel with one program per sequence, for comparison.
+`bench_decode.py`. For comparison: `--no-split`, the decode kernel with one program per sequence; `--unfused`, the
+step without the small-batch fusions (routed experts through the grouped GEMM, separate projections, top-k by sort).
 
   python benchmarks/profile_decode.py --preset bench-684m --batches 1,32
 Prints a table per batch size; writes benchmarks/results/profile_decode_<preset>.json.
@@ -22,7 +23,9 @@ from dsv3 import Engine, EngineConfig, SamplingParams, preset  # noqa: E402
 from dsv3.data.bpe import train_bpe  # noqa: E402
 from dsv3.data.corpus import read_documents  # noqa: E402
 from dsv3.io.hf import build_model  # noqa: E402
-from dsv3.kernels import mla_decode  # noqa: E402
+from dsv3.kernels import mla_decode, moe_decode  # noqa: E402
+from dsv3.model import moe  # noqa: E402
+from dsv3.model.transformer import Transformer  # noqa: E402
 
 
 def steady_engine(model, tok, B, prompt_len, overlap):
@@ -95,9 +98,14 @@ def main():
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--no-split", action="store_true", help="one program per sequence in the decode kernel")
+    p.add_argument("--unfused", action="store_true", help="grouped GEMM experts, separate projections, sort top-k")
     args = p.parse_args()
     if args.no_split:
         mla_decode.num_splits = lambda *_: 1
+    if args.unfused:
+        moe_decode.usable = lambda *_: False
+        moe.RANK_TOPK_MAX = 0
+        Transformer.fuse_projections = lambda self: self
     tok = train_bpe(read_documents(None), 1024)
     torch.manual_seed(0)
     model = build_model(preset(args.preset).replace(num_nextn_predict_layers=0), "cuda", torch.bfloat16)
@@ -114,7 +122,8 @@ def main():
         print("host (self cpu us per step):")
         for name, us in r["top_host_self_us"]:
             print(f"{us:9.1f} us  {name[:90]}")
-    out = Path(__file__).parent / "results" / f"profile_decode_{args.preset}{'_no-split' if args.no_split else ''}.json"
+    tags = "".join(f"_{t}" for t, on in (("no-split", args.no_split), ("unfused", args.unfused)) if on)
+    out = Path(__file__).parent / "results" / f"profile_decode_{args.preset}{tags}.json"
     out.write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name(),
                                "torch": torch.__version__, "results": results}, indent=1) + "\n")
 

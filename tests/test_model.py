@@ -270,3 +270,41 @@ def test_mla_decode_reference_in_length_buckets_equals_one_padded_batch():
         p = torch.softmax((lat @ torch.cat((q_c[b], q_pe[b]), -1).T).T * 0.2, -1)
         assert torch.allclose(bucketed[b], p @ lat[:, :C], atol=1e-12)
     assert torch.allclose(bucketed, one, atol=1e-12)
+
+
+def test_fused_projections_keep_outputs_names_training_and_checkpoints(tiny_cfg, tmp_path):
+    """fuse_projections (what the engine runs on) changes no output, no parameter name; training still reaches
+    every layer and the fused matrices see its updates; a checkpoint of the fused model saves and loads back."""
+    import dsv3
+    m = random_model(tiny_cfg)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = m(ids).logits
+    names = list(m.state_dict())
+    m.fuse_projections()
+    attn = m.layers[0].self_attn
+    assert attn.fused_a is not None and attn.fused_a.data_ptr() == attn.q_a_proj.weight.data_ptr()
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, before) < 1e-6
+    assert list(m.state_dict()) == names and m.fuse_projections() is m  # idempotent
+    assert attn.fused_a.data_ptr() == attn.q_a_proj.weight.data_ptr()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(ids).logits.square().mean().backward()
+    assert attn.kv_a_proj_with_mqa.weight.grad.abs().sum() > 0 and m.layers[0].mlp.up_proj.weight.grad is not None
+    opt.step()
+    with torch.no_grad():
+        fused = m(ids).logits  # through the fused matrices
+        attn_rows = attn.fused_a[attn.q_a_proj.out_features:]
+        assert torch.equal(attn_rows, attn.kv_a_proj_with_mqa.weight)
+        unfused = [(mod, name, getattr(mod, name)) for mod in m.modules() for name in ("fused_a", "gate_up")
+                   if getattr(mod, name, None) is not None]
+        for mod, name, _ in unfused:
+            setattr(mod, name, None)
+        plain = m(ids).logits
+        for mod, name, t in unfused:
+            setattr(mod, name, t)
+    assert rel_err(fused, plain) < 1e-6 and rel_err(fused, before) > 1e-3
+    dsv3.save_model(m, tmp_path / "ckpt")
+    back = dsv3.load_model(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, plain) < 1e-6

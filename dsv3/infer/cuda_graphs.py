@@ -34,7 +34,7 @@ from dsv3.model.norm import RMSNorm
 Forward = Callable[[PagedKV, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]]
 
 
-_FUSED = ((RMSNorm, "forward"), (MLA, "_q"), (MLA, "_latent"), (Gate, "forward"), (MLP, "forward"),
+_FUSED = ((RMSNorm, "forward"), (MLA, "_project"), (Gate, "forward"), (MLP, "forward"),
           (Experts, "forward"))
 _compiled: dict[tuple[type, str], Callable] = {}
 

@@ -79,7 +79,7 @@ class RequestOutput:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  model_id: str | None = None):
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model.eval().fuse_projections(), tokenizer
         self.config = cfg = config or EngineConfig()
         mcfg = model.config
         param = next(model.parameters())

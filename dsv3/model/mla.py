@@ -16,6 +16,7 @@ from torch.nn.attention.bias import causal_lower_right
 from dsv3.config import ModelConfig
 from dsv3.kernels.mla_decode import mla_decode
 from dsv3.model.cache import ABSORBED_MAX_QUERY, PagedKV
+from dsv3.model.fuse import fuse_rows
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, softmax_scale
 
@@ -57,26 +58,34 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.c, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.c, H * (self.dn + self.dv), bias=False)  # head-major [W_UK_h; W_UV_h]
         self.o_proj = nn.Linear(H * self.dv, D, bias=bias)
+        self.fused_a: torch.Tensor | None = None  # set by fuse_projections()
 
-    def _q(self, x, cos, sin):
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+    def _project(self, x, cos, sin):
+        """-> q_nope (..., H, Dn), roped q_pe (..., H, Dr), normed c_kv (..., C), roped k_pe (..., Dr)."""
+        q_first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj  # both take x, as kv_a does
+        if self.fused_a is not None and not torch.is_grad_enabled():
+            q, kv = F.linear(x, self.fused_a).split((q_first.out_features, self.c + self.dr), dim=-1)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q, kv = q_first(x), self.kv_a_proj_with_mqa(x)
+        if q_first is not getattr(self, "q_proj", None):
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.unflatten(-1, (self.n_heads, self.dn + self.dr)).split((self.dn, self.dr), dim=-1)
-        return q_nope, apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave)  # rope: all heads
+        c_kv, k_pe = kv.split((self.c, self.dr), dim=-1)
+        return (q_nope, apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave),  # rope: all heads
+                self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave))
 
-    def _latent(self, x, cos, sin):
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split((self.c, self.dr), dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)  # (..., C), (..., Dr)
+    def fuse_projections(self) -> None:
+        """Inference: the two projections of x (q_a or q, and kv_a) as one GEMM (see `fuse_rows`)."""
+        q_first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        if q_first.bias is None and self.kv_a_proj_with_mqa.bias is None:
+            self.fused_a = fuse_rows(self.fused_a, q_first, self.kv_a_proj_with_mqa)
 
     def forward(self, x, cos, sin, mask=None, cache: PagedKV | None = None):
         """x (B, T, D) with cos/sin (B, T, Dr/2); or, with a cache, x (T, D) flattened with cos/sin (T, Dr/2).
 
         mask: None for plain causal attention, or a bool (B, 1, T, T) mask (True = attend) for packed documents.
         """
-        q_nope, q_pe = self._q(x, cos, sin)  # (..., H, Dn), (..., H, Dr)
-        c_kv, k_pe = self._latent(x, cos, sin)
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
         if cache is None:
             o = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
         else:

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.kernels import moe_decode
 from dsv3.kernels.grouped_mm import grouped_mm
+from dsv3.model.fuse import fuse_rows
 
 
 class MLP(nn.Module):
@@ -23,9 +25,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up: torch.Tensor | None = None  # set by fuse_projections()
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+    def fuse_projections(self) -> None:
+        """Inference: gate and up as one GEMM (see `fuse_rows`)."""
+        self.gate_up = fuse_rows(self.gate_up, self.gate_proj, self.up_proj)
 
 
 class Gate(nn.Module):
@@ -42,8 +53,14 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x_ND: torch.Tensor):
+        N, E = x_ND.shape[0], self.weight.shape[0]
         with torch.autocast(x_ND.device.type, enabled=False):  # routing decisions in fp32, also under autocast
-            logits_NE = F.linear(x_ND.float(), self.weight.float())
+            if torch.compiler.is_compiling() and N <= 256:
+                # Decode: a reduction that Inductor fuses with the weight's cast and the scoring below (cuBLAS ran
+                # this GEMV as two kernels, after a third that cast the weight).
+                logits_NE = (x_ND.float().unsqueeze(1) * self.weight.float()).sum(-1)
+            else:
+                logits_NE = F.linear(x_ND.float(), self.weight.float())
         scores_NE = logits_NE.sigmoid() if self.scoring == "sigmoid" else logits_NE.softmax(-1)
         choice_NE = scores_NE.detach()
         if self.method == "noaux_tc":
@@ -54,17 +71,26 @@ class Gate(nn.Module):
             group_NG = _top2_sum(choice_NGe) if self.method == "noaux_tc" else choice_NGe.amax(-1)
             keep_NG = _rank(group_NG) < self.topk_group
             choice_NE = choice_NGe.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).flatten(1)
-        idx_NK = choice_NE.topk(self.top_k, dim=-1).indices
+        if N * E * E <= RANK_TOPK_MAX:  # decode-sized: ranks by comparison, no sort kernels
+            # (N, K): the expert of rank k (argmax of the one-hot: in range even where NaNs leave no rank k)
+            is_k = _rank(choice_NE).unsqueeze(1) == torch.arange(self.top_k, device=x_ND.device)[:, None]
+            idx_NK = is_k.to(torch.uint8).argmax(-1)
+        else:
+            idx_NK = choice_NE.topk(self.top_k, dim=-1).indices
         w_NK = scores_NE.gather(1, idx_NK)
         if self.norm:
             w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
         return w_NK * self.scale, idx_NK, scores_NE
 
 
+RANK_TOPK_MAX = 1 << 22  # tokens x experts² up to which a router's top-k is taken by _rank
+
+
 def _rank(x_NG: torch.Tensor) -> torch.Tensor:
     """Each entry's place in its row in descending order, ties broken by index: the top-k of a row are the entries
-    of rank < k. For the few groups of group-limited routing a (G, G) comparison beats a topk call (a sort kernel)
-    and fuses with the routing around it."""
+    of rank < k. For the few groups of group-limited routing, and the experts of a few tokens, a (G, G)
+    comparison beats a topk call (sort kernels: 7% of a bench-684m decode step on an H200) and fuses with the
+    routing around it."""
     i = torch.arange(x_NG.shape[-1], device=x_NG.device)
     a, b = x_NG.unsqueeze(-1), x_NG.unsqueeze(-2)  # entry g against every entry h
     return ((b > a) | ((b == a) & (i < i[:, None]))).sum(-1)
@@ -107,9 +133,14 @@ class Experts(nn.Module):
             counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat,
                                                                                       torch.ones_like(flat))
             order = flat.argsort(stable=True)
-        # `order`: rows sorted by expert, stably (the same permutation either way: deterministic)
-        y_sorted = self.ffn(x_ND[order // K], w_NK.flatten()[order], counts_E.cumsum(0).to(torch.int32))
-        y_NKD = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(N, K, -1)
+            dest = torch.empty_like(order).scatter_(0, order, torch.arange(flat.numel(), device=flat.device))
+        # `order`: rows sorted by expert, stably (the same permutation either way: deterministic); `dest` its inverse
+        offs, w_sorted = counts_E.cumsum(0).to(torch.int32), w_NK.flatten()[order]
+        if moe_decode.usable(x_ND, flat.numel(), E):
+            y_sorted = moe_decode.moe_ffn(x_ND, self.gate_up_proj, self.down_proj, order, offs, w_sorted, K)
+        else:
+            y_sorted = self.ffn(x_ND[order // K], w_sorted, offs)
+        y_NKD = y_sorted[dest].view(N, K, -1)
         # Sum over each token's K experts with fp32 accumulation; a fixed order keeps it deterministic.
         return y_NKD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
 

@@ -138,6 +138,14 @@ class Transformer(nn.Module):
         """MoE modules in forward order (main layers, then MTP): the rows of ModelOutput.expert_counts."""
         return [b.mlp for b in (*self.layers, *self.mtp) if isinstance(getattr(b, "mlp", None), MoE)]
 
+    def fuse_projections(self) -> "Transformer":
+        """Inference: every pair of projections of the same input becomes one GEMM (q_a / q with kv_a; an MLP's
+        gate with its up). Parameters keep their names and values; see `dsv3.model.fuse.fuse_rows`."""
+        for m in self.modules():
+            if isinstance(m, (MLA, MLP)):
+                m.fuse_projections()
+        return self
+
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: PagedKV | None = None,
