@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -45,13 +46,14 @@ def _attend(q_c, q_pe, kv, block_tables, seq_lens, scale):
     (B, H, C), bs = q_c.shape, kv.shape[1]
     n_blocks = -(-int(seq_lens.max()) // bs)
     # index_select copies whole blocks (2x faster on a CPU than advanced indexing with the 2-D table).
-    lat = kv.index_select(0, block_tables[:, :n_blocks].flatten()).view(B, n_blocks * bs, -1).to(q_c.dtype)
-    # One matmul against whole latent rows does q_c·c_kv + q_pe·k_pe (4x faster on a CPU than two einsums
-    # over the rows' slices). (B, S, C + Dr), S = n_blocks · bs
-    scores = torch.bmm(torch.cat((q_c, q_pe), -1), lat.transpose(1, 2)) * scale  # (B, H, S)
-    pad = torch.arange(lat.shape[1], device=lat.device) >= seq_lens[:, None]  # (B, S)
-    p = scores.float().masked_fill(pad[:, None], float("-inf")).softmax(-1).to(q_c.dtype)
-    return torch.bmm(p, lat)[..., :C]  # (B, H, C): against whole rows too (no copy of the c_kv slice)
+    lat = kv.index_select(0, block_tables[:, :n_blocks].flatten()).view(B, 1, n_blocks * bs, -1).to(q_c.dtype)
+    # Every head attends over the same latent rows (keys q_c·c_kv + q_pe·k_pe against whole rows, values their c_kv
+    # part): one head whose H query rows are the heads. SDPA's fused kernel reads the rows once where two bmms and a
+    # softmax read them twice (tiny-576, 16 sequences of ~300 tokens on a CPU: 0.77 against 0.99 ms).
+    valid = torch.arange(lat.shape[2], device=lat.device) < seq_lens[:, None]  # (B, S)
+    o = F.scaled_dot_product_attention(torch.cat((q_c, q_pe), -1).unsqueeze(1), lat, lat,
+                                       attn_mask=valid[:, None, None, :], scale=scale)
+    return o[:, 0, :, :C]  # (B, H, C)
 
 
 if triton is not None:
