@@ -1,7 +1,8 @@
 """Where a decode step goes (GPU): the engine's step time (with and without overlapped decode) next to its CUDA graph's
 replay alone, and the kernels in a step by device time (torch.profiler), on the random-weight model of
 `bench_decode.py`. For comparison: `--no-split`, the decode kernel with one program per sequence; `--unfused`, the
-step without the small-batch fusions (routed experts through the grouped GEMM, separate projections, top-k by sort).
+step without the small-batch fusions (routed experts through the grouped GEMM, separate projections, top-k by sort);
+`--pieces`, graphs recorded with compiled pieces of the model rather than its whole compiled forward.
 
   python benchmarks/profile_decode.py --preset bench-684m --batches 1,32
 Prints a table per batch size; writes benchmarks/results/profile_decode_<preset>.json.
@@ -23,6 +24,7 @@ from dsv3 import Engine, EngineConfig, SamplingParams, preset  # noqa: E402
 from dsv3.data.bpe import train_bpe  # noqa: E402
 from dsv3.data.corpus import read_documents  # noqa: E402
 from dsv3.io.hf import build_model  # noqa: E402
+from dsv3.infer import cuda_graphs  # noqa: E402
 from dsv3.kernels import mla_decode, moe_decode  # noqa: E402
 from dsv3.model import moe  # noqa: E402
 from dsv3.model.transformer import Transformer  # noqa: E402
@@ -31,7 +33,9 @@ from dsv3.model.transformer import Transformer  # noqa: E402
 def steady_engine(model, tok, B, prompt_len, overlap):
     """An engine whose B sequences all decode (prefill done, 10 steps in)."""
     engine = Engine(model, tok, EngineConfig(max_num_seqs=B, num_blocks=B * 40 + 8, overlap=overlap))
+    t = time.perf_counter()
     engine.warmup()
+    engine.warmup_s = time.perf_counter() - t
     g = torch.Generator().manual_seed(B)
     params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
     for p in torch.randint(2, tok.vocab_size, (B, prompt_len), generator=g).tolist():
@@ -55,7 +59,7 @@ def step_ms(engine, steps):
 
 def profile(model, tok, B, prompt_len, steps):
     plain = steady_engine(model, tok, B, prompt_len, overlap=False)
-    plain_ms = step_ms(plain, steps)
+    plain_ms, warmup_s = step_ms(plain, steps), plain.warmup_s  # the first engine compiles (once per process)
     del plain
     torch.cuda.empty_cache()
     engine = steady_engine(model, tok, B, prompt_len, overlap=True)
@@ -85,7 +89,8 @@ def profile(model, tok, B, prompt_len, steps):
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
     gpu_us = sum(v[1] for v in kernels.values()) / n
     host = sorted(((e.key, e.self_cpu_time_total / n) for e in prof.key_averages()), key=lambda x: -x[1])[:15]
-    return {"step_ms": plain_ms, "step_ms_overlap": overlap_ms, "replay_ms": 1e3 * statistics.median(replays),
+    return {"warmup_s": warmup_s, "step_ms": plain_ms, "step_ms_overlap": overlap_ms,
+            "replay_ms": 1e3 * statistics.median(replays),
             "kernels_per_step": sum(v[0] for v in kernels.values()) / n, "kernel_ms_per_step": gpu_us / 1e3,
             "top_kernels": [(name, c / n, us / n) for name, (c, us) in top[:25]],
             "top_host_self_us": host}
@@ -99,9 +104,12 @@ def main():
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--no-split", action="store_true", help="one program per sequence in the decode kernel")
     p.add_argument("--unfused", action="store_true", help="grouped GEMM experts, separate projections, sort top-k")
+    p.add_argument("--pieces", action="store_true", help="graphs with compiled pieces, not the whole forward")
     args = p.parse_args()
     if args.no_split:
         mla_decode.num_splits = lambda *_: 1
+    if args.pieces:
+        cuda_graphs.WHOLE_FORWARD = False
     if args.unfused:
         moe_decode.usable = lambda *_: False
         moe.RANK_TOPK_MAX = 0
@@ -116,13 +124,15 @@ def main():
         r = results[B] = profile(model, tok, B, args.prompt_len, args.steps)
         print(f"\n== batch {B}: step {r['step_ms']:.3f} ms (overlapped {r['step_ms_overlap']:.3f} ms), graph replay "
               f"{r['replay_ms']:.3f} ms, "
-              f"{r['kernels_per_step']:.0f} kernels / step, {r['kernel_ms_per_step']:.3f} ms of kernel time")
+              f"{r['kernels_per_step']:.0f} kernels / step, {r['kernel_ms_per_step']:.3f} ms of kernel time; "
+              f"warmup {r['warmup_s']:.1f} s")
         for name, c, us in r["top_kernels"]:
             print(f"{us:9.1f} us {c:6.1f}x  {name}")
         print("host (self cpu us per step):")
         for name, us in r["top_host_self_us"]:
             print(f"{us:9.1f} us  {name[:90]}")
-    tags = "".join(f"_{t}" for t, on in (("no-split", args.no_split), ("unfused", args.unfused)) if on)
+    tags = "".join(f"_{t}" for t, on in (("no-split", args.no_split), ("unfused", args.unfused),
+                                                   ("pieces", args.pieces)) if on)
     out = Path(__file__).parent / "results" / f"profile_decode_{args.preset}{tags}.json"
     out.write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name(),
                                "torch": torch.__version__, "results": results}, indent=1) + "\n")

@@ -30,6 +30,7 @@ from dsv3.model.cache import PagedKV, to_device
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MLP, Experts, Gate
 from dsv3.model.norm import RMSNorm
+from dsv3.model.transformer import Transformer
 
 Forward = Callable[[PagedKV, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]]
 
@@ -39,10 +40,19 @@ _FUSED = ((RMSNorm, "forward"), (MLA, "_project"), (Gate, "forward"), (MLP, "for
 _compiled: dict[tuple[type, str], Callable] = {}
 
 
+# Decode graphs compile the model's forward whole: Inductor then also fuses what lies between the pieces (residual
+# adds into norms, the latent row's concatenation into its norm and rope, the routing chain). One graph for all
+# layers (a compiled block would recompile per layer for its cache index). A prefill step keeps the pieces: its
+# Python-level spans would recompile the forward per prompt shape.
+WHOLE_FORWARD = True
+
+
 @contextmanager
-def fused_pieces():
-    """The `_FUSED` methods replaced by their torch.compile'd versions for the duration (see the module docstring)."""
-    eager = [(cls, name, cls.__dict__[name]) for cls, name in _FUSED]
+def fused_pieces(whole_forward: bool = False):
+    """The `_FUSED` methods (and with `whole_forward`, Transformer.forward) replaced by their torch.compile'd
+    versions for the duration (see the module docstring)."""
+    fused = _FUSED + (((Transformer, "forward"),) if whole_forward else ())
+    eager = [(cls, name, cls.__dict__[name]) for cls, name in fused]
     try:
         for cls, name, fn in eager:
             if (cls, name) not in _compiled:
@@ -127,7 +137,7 @@ class DecodeRunner:
         self.tables[:B].fill_(self.scratch)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with fused_pieces():
+        with fused_pieces(whole_forward=WHOLE_FORWARD):
             with torch.cuda.stream(side):
                 self._run(B)
             torch.cuda.current_stream().wait_stream(side)

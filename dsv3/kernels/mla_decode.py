@@ -137,8 +137,7 @@ def mla_decode(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n: int = 32, 
     many programs share one sequence's tokens (default: `num_splits`)."""
     if not _use_triton(q_c):
         return mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale)
-    splits = splits or num_splits(q_c.shape[0], q_c.shape[1], q_c.device)
-    return _mla_decode_triton(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n, splits)
+    return _mla_decode_triton(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n, splits or 0)
 
 
 # An opaque op to torch.compile: Inductor neither re-traces the kernel nor, unable to see what it writes, copies
@@ -148,10 +147,14 @@ def _mla_decode_triton(q_c: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, 
                        seq_lens: torch.Tensor, scale: float, block_n: int, splits: int) -> torch.Tensor:
     B, H, C = q_c.shape
     R = q_pe.shape[-1]
-    q_c, q_pe = q_c.contiguous(), q_pe.contiguous().to(q_c.dtype)
+    # Chosen here, on concrete shapes: a torch.compile'd caller would otherwise specialize on the batch size.
+    splits = splits or num_splits(B, H, q_c.device)
+    # Strided rows are fine (a copy is a kernel more per layer in a decode step); the last dim must be dense.
+    q_c = q_c if q_c.stride(-1) == 1 else q_c.contiguous()
+    q_pe = q_pe.to(q_c.dtype) if q_pe.stride(-1) == 1 else q_pe.contiguous().to(q_c.dtype)
     kv = kv.to(q_c.dtype) if kv.dtype != q_c.dtype else kv
-    tables, lens = block_tables.contiguous().to(torch.int32), seq_lens.contiguous().to(torch.int32)
-    out = torch.empty_like(q_c)
+    tables, lens = block_tables.to(torch.int32), seq_lens.contiguous()  # int32 tables in CUDA graphs: no copy
+    out = q_c.new_empty(q_c.shape)  # contiguous, as the fake below says
     # Several splits write fp32 partials (B, H, splits, C) and their log-sum-exps, then one merge.
     part = out if splits == 1 else q_c.new_empty(B, H, splits, C, dtype=torch.float32)
     lse = part if splits == 1 else q_c.new_empty(B, H, splits, dtype=torch.float32)

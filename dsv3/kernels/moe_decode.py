@@ -74,6 +74,11 @@ if triton is not None:
             start += BLOCK_M
 
 
+# Block sizes and launch settings (see benchmarks/results/sweep_moe_decode_*.json for how they were chosen).
+GATE_UP = dict(BLOCK_F=16, BLOCK_D=256, num_warps=4, num_stages=3)
+DOWN = dict(BLOCK_N=32, BLOCK_F=128, num_warps=4, num_stages=3)
+
+
 def usable(x: torch.Tensor, rows: int, experts: int) -> bool:
     """These kernels serve (rather than the grouped GEMM) inference steps whose experts have 8 rows or fewer on
     average: every program reads its block of weights once per 16 of its expert's rows."""
@@ -98,14 +103,11 @@ def _moe_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
     order, offs, w_sorted = order.contiguous(), offs.to(torch.int32).contiguous(), w_sorted.contiguous()
     h = x.new_empty(rows, F)
     y = x.new_empty(rows, D)
-    bm = 16  # tl.dot wants M >= 16; fewer rows are masked
-    bf, bd = 32, 128
-    _gate_up_kernel[(E, triton.cdiv(F, bf))](x, w1, order, offs, w_sorted, h, top_k, D, F, x.stride(0),
-                                             w1.stride(0), w1.stride(1), h.stride(0),
-                                             BLOCK_M=bm, BLOCK_F=bf, BLOCK_D=bd)
-    bn, bk = 32, 128
-    _down_kernel[(E, triton.cdiv(D, bn))](h, w2, offs, y, D, F, h.stride(0), w2.stride(0), w2.stride(1),
-                                          y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_F=bk)
+    _gate_up_kernel[(E, triton.cdiv(F, GATE_UP["BLOCK_F"]))](
+        x, w1, order, offs, w_sorted, h, top_k, D, F, x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
+        BLOCK_M=16, **GATE_UP)  # tl.dot wants M >= 16; fewer rows are masked
+    _down_kernel[(E, triton.cdiv(D, DOWN["BLOCK_N"]))](h, w2, offs, y, D, F, h.stride(0), w2.stride(0),
+                                                       w2.stride(1), y.stride(0), BLOCK_M=16, **DOWN)
     return y
 
 
