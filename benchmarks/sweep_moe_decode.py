@@ -1,7 +1,8 @@
 """Block sizes for the routed experts' decode kernels (GPU): each setting of `moe_decode.GATE_UP` / `DOWN` timed on
 bench-684m's shapes at batch 1 and 32 (6 of 64 experts per token), 11 layers' weights in turn so that L2 holds no
 layer between its calls, as in a decode step; CUDA-graph timing. Prints a table, writes
-benchmarks/results/sweep_moe_decode.json.
+benchmarks/results/sweep_moe_decode.json
+(kept per card as sweep_moe_decode_<card>.json).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def main():
             print(f"{kern} batch {N}:")
             for r in best:
                 print("   ", {k: v for k, v in r.items() if k not in ("kernel", "batch")})
-            cur = moe_decode.GATE_UP if kern == "gate_up" else moe_decode.DOWN
+            cur = (moe_decode.GATE_UP if kern == "gate_up" else moe_decode.DOWN)["few" if N * K <= 16 else "many"]
             now = [r for r in rows if r["kernel"] == kern and r["batch"] == N
                    and all(r[k] == v for k, v in cur.items())]
             print("    current default:", round(now[0]["us"], 2) if now else None, "us")

@@ -74,9 +74,13 @@ if triton is not None:
             start += BLOCK_M
 
 
-# Block sizes and launch settings (see benchmarks/results/sweep_moe_decode_*.json for how they were chosen).
-GATE_UP = dict(BLOCK_F=16, BLOCK_D=256, num_warps=4, num_stages=3)
-DOWN = dict(BLOCK_N=32, BLOCK_F=128, num_warps=4, num_stages=3)
+# Block sizes and launch settings for up to 16 rows (a few tokens) and for more: the fastest of
+# benchmarks/sweep_moe_decode.py on an H100 at batch 1 and 32 (bench-684m; sweep_moe_decode_h100.json). Per layer,
+# gate/up 7.3 and 25.1 µs, down 3.8 and 13.5 µs (either setting costs the other batch 17-36% more).
+GATE_UP = {"few": dict(BLOCK_F=32, BLOCK_D=256, num_warps=4, num_stages=4),
+           "many": dict(BLOCK_F=32, BLOCK_D=128, num_warps=4, num_stages=2)}
+DOWN = {"few": dict(BLOCK_N=32, BLOCK_F=64, num_warps=2, num_stages=4),
+        "many": dict(BLOCK_N=32, BLOCK_F=128, num_warps=2, num_stages=2)}
 
 
 def usable(x: torch.Tensor, rows: int, experts: int) -> bool:
@@ -103,11 +107,13 @@ def _moe_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
     order, offs, w_sorted = order.contiguous(), offs.to(torch.int32).contiguous(), w_sorted.contiguous()
     h = x.new_empty(rows, F)
     y = x.new_empty(rows, D)
-    _gate_up_kernel[(E, triton.cdiv(F, GATE_UP["BLOCK_F"]))](
+    size = "few" if rows <= 16 else "many"
+    up, down = GATE_UP[size], DOWN[size]
+    _gate_up_kernel[(E, triton.cdiv(F, up["BLOCK_F"]))](
         x, w1, order, offs, w_sorted, h, top_k, D, F, x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-        BLOCK_M=16, **GATE_UP)  # tl.dot wants M >= 16; fewer rows are masked
-    _down_kernel[(E, triton.cdiv(D, DOWN["BLOCK_N"]))](h, w2, offs, y, D, F, h.stride(0), w2.stride(0),
-                                                       w2.stride(1), y.stride(0), BLOCK_M=16, **DOWN)
+        BLOCK_M=16, **up)  # tl.dot wants M >= 16; fewer rows are masked
+    _down_kernel[(E, triton.cdiv(D, down["BLOCK_N"]))](h, w2, offs, y, D, F, h.stride(0), w2.stride(0),
+                                                       w2.stride(1), y.stride(0), BLOCK_M=16, **down)
     return y
 
 
