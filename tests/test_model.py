@@ -281,14 +281,15 @@ def test_fused_projections_keep_outputs_names_training_and_checkpoints(tiny_cfg,
     with torch.no_grad():
         before = m(ids).logits
     names = list(m.state_dict())
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)  # built first, as GRPO's is before its engine fuses the model
     m.fuse_projections()
+    assert {id(p) for p in m.parameters()} == {id(p) for p in opt.param_groups[0]["params"]}
     attn = m.layers[0].self_attn
     assert attn.fused_a is not None and attn.fused_a.data_ptr() == attn.q_a_proj.weight.data_ptr()
     with torch.no_grad():
         assert rel_err(m(ids).logits, before) < 1e-6
     assert list(m.state_dict()) == names and m.fuse_projections() is m  # idempotent
     assert attn.fused_a.data_ptr() == attn.q_a_proj.weight.data_ptr()
-    opt = torch.optim.SGD(m.parameters(), lr=0.5)
     m(ids).logits.square().mean().backward()
     assert attn.kv_a_proj_with_mqa.weight.grad.abs().sum() > 0 and m.layers[0].mlp.up_proj.weight.grad is not None
     opt.step()

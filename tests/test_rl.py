@@ -235,6 +235,11 @@ def test_grpo_steps_update_the_engines_weights_and_log_every_metric(ckpt, tmp_pa
         assert key in rec, key
     assert ("kl" in rec) == bool(kw.get("beta"))
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    # Among them the projections the engine runs fused: the optimizer (built before the engine fused the model)
+    # still steps the model's own parameters.
+    old = dict(zip((n for n, _ in tr.model.named_parameters()), before))
+    for name in ("layers.0.self_attn.q_a_proj.weight", "layers.0.self_attn.kv_a_proj_with_mqa.weight"):
+        assert not torch.equal(old[name], tr.model.get_parameter(name)), name
     assert tr.engine.weights_version == version + 1  # the prefix cache can no longer serve old latents
     assert tr.engine.model is tr.model  # CPU: the engine samples with the policy's own parameters
 

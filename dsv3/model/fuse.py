@@ -7,11 +7,11 @@ from torch import nn
 
 @torch.no_grad()
 def fuse_rows(fused: torch.Tensor | None, *linears: nn.Linear) -> torch.Tensor:
-    """One (Σ out, in) matrix holding these bias-free layers' weights as consecutive row blocks; each layer's
-    weight becomes a view of its block, so nothing is stored twice and in-place updates (an optimizer step, a
-    load_state_dict) reach both; checkpoints write them as before. Training leaves the layers separate (modules
-    use the fused matrix only without autograd). Call it once the model sits on its device and dtype: moving the model afterwards would part the two. Returns
-    `fused` itself when the layers are still its views."""
+    """One (Σ out, in) matrix holding these bias-free layers' weights as consecutive row blocks; each layer's weight
+    (the same Parameter object) comes to share its block's memory, so nothing is stored twice and in-place updates
+    (an optimizer step, a load_state_dict) reach both; checkpoints write them as before. Training leaves the layers
+    separate (modules use the fused matrix only without autograd). Call it once the model sits on its device and
+    dtype: moving the model afterwards would part the two. Returns `fused` itself when the layers still share it."""
     first = linears[0].weight
     if fused is not None and first.data_ptr() == fused.data_ptr() and first.device == fused.device:
         return fused
@@ -19,6 +19,6 @@ def fuse_rows(fused: torch.Tensor | None, *linears: nn.Linear) -> torch.Tensor:
     row = 0
     for m in linears:
         n = m.weight.shape[0]
-        m.weight = nn.Parameter(fused[row:row + n], requires_grad=m.weight.requires_grad)
+        m.weight.data = fused[row:row + n]  # the same Parameter object: an optimizer built before still holds it
         row += n
     return fused

@@ -126,8 +126,8 @@ class Experts(nn.Module):
             onehot = F.one_hot(flat, E)  # (N·K, E)
             counts_E = onehot.sum(0)
             rank = onehot.cumsum(0).gather(1, flat[:, None])[:, 0] - 1  # earlier rows of the same expert
-            cpu = x_ND.device.type == "cpu" and not moe_decode.usable(x_ND, flat.numel(), E)
-            if cpu and not torch.is_grad_enabled():
+            on_cpu = x_ND.device.type == "cpu" and not moe_decode.usable(x_ND, flat.numel(), E)  # no Triton here
+            if on_cpu and not torch.is_grad_enabled():
                 m = int(counts_E.max())
                 if m * E <= 4 * flat.numel():  # padding at most quadruples the rows
                     return self._padded(x_ND, w_NK, flat * m + rank, m), counts_E
