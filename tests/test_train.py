@@ -218,3 +218,20 @@ def test_bf16_moments_in_a_training_run(tmp_path):
     train = [r for r in rows if "loss" in r]
     assert sum(r["loss"] for r in train[-3:]) < 0.8 * sum(r["loss"] for r in train[:3])
     Trainer(_cfg(tmp_path, steps=14, moments_dtype="bf16", resume=True)).run()  # its state saves and loads
+
+
+def test_metrics_log_starts_fresh_unless_resuming(tmp_path):
+    """A second SFT / GRPO / train run in the same directory must not plot the first run's curve with its own."""
+    from dsv3.train.metrics import MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    for _ in range(2):
+        log = MetricsLog(path)
+        for step in range(3):
+            log.write({"step": step})
+        log.close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
+    log = MetricsLog(path, resume_step=1)  # resuming from step 1: its later lines go, new ones follow
+    log.write({"step": 2, "resumed": True})
+    log.close()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"step": 0}, {"step": 1},
+                                                                      {"step": 2, "resumed": True}]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Append-only JSONL, flushed per line. On resume, lines past the checkpoint's step are dropped first so the
-    resumed run's lines replace them instead of duplicating them."""
+    """JSONL, flushed per line. A run from the start replaces an earlier run's file in the same directory; on
+    resume, lines past the checkpoint's step are dropped first so the resumed run's lines replace them instead of
+    duplicating them."""
 
     def __init__(self, path: Path | None, resume_step: int | None = None):
         self.file = None  # path None: a log that writes nothing (ranks other than 0)
@@ -21,7 +22,7 @@ class MetricsLog:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a" if resume_step is not None else "w")
 
     def write(self, record: dict) -> None:
         if self.file:
