@@ -7,14 +7,14 @@ a fixed row count it can be recorded once and replayed. Row counts are bucketed 
 a block the pool never hands out. A bucket is recorded the first time a step needs it, or all of them by
 `Engine.warmup()`.
 
-While a graph is recorded, the elementwise-heavy pieces of the model (RMSNorm, the q / latent projections with
-rope, routing, the SwiGLU MLPs, the routed experts' glue) run as torch.compile'd versions (dynamic shapes: one
-compile serves every bucket), so the graph holds Inductor's fused kernels instead of a dozen small ones per piece
-(bench-684m on an H100, replay of one step: 2.97 → 1.64 ms at batch 1, 4.14 → 2.38 ms at batch 32). The model's
-eager code is untouched: the compiled methods stand in only while a graph is recorded and while the engine runs a
-prefill step on a GPU (fewer launches there too: a 64-token prefill over 8K cached tokens, 45 → 31 ms).
-Compiling the whole forward instead (the Triton kernel and the cache write are opaque custom ops for that) gave
-1.53 ms at batch 1 for 2.5x the compile time (44 s).
+While a graph is recorded, the model's forward runs torch.compile'd as a whole (`WHOLE_FORWARD`; dynamic shapes:
+one compile serves every bucket but batch 1), so the graph holds Inductor's fused kernels between the GEMMs and
+the opaque custom ops (the Triton kernels, the cache write). A prefill step on a GPU runs compiled pieces instead
+(RMSNorm, the projections with rope, routing, the SwiGLU MLPs, the routed experts' glue), whose Python-level spans
+a whole compile would specialize on. The model's eager code is untouched: the compiled versions stand in only
+while a graph is recorded or a GPU prefill runs. bench-684m on an H100 at batch 1: a graph of eager kernels
+replayed in 2.97 ms (an earlier engine); today's overlapped step takes 1.15 ms with compiled pieces and 1.07 ms
+with the whole forward (400 kernels), whose compile costs 27-60 s of warmup.
 
 Without CUDA (or with graphs off) the same forward runs eagerly on exactly T rows, so CPU tests exercise the code
 path that the graphs record.
@@ -40,10 +40,8 @@ _FUSED = ((RMSNorm, "forward"), (MLA, "_project"), (Gate, "forward"), (MLP, "for
 _compiled: dict[tuple[type, str], Callable] = {}
 
 
-# Decode graphs compile the model's forward whole: Inductor then also fuses what lies between the pieces (residual
-# adds into norms, the latent row's concatenation into its norm and rope, the routing chain). One graph for all
-# layers (a compiled block would recompile per layer for its cache index). A prefill step keeps the pieces: its
-# Python-level spans would recompile the forward per prompt shape.
+# Decode graphs compile the model's forward whole (the module docstring says why). One graph for all layers: a
+# compiled block would recompile per layer for its cache index.
 WHOLE_FORWARD = True
 
 
