@@ -23,13 +23,17 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _expert_rows(offs, e):
+        """[start, end) of expert e's rows, from the group ends `offs`."""
+        return tl.load(offs + e - 1, mask=e > 0, other=0), tl.load(offs + e)
+
+    @triton.jit
     def _gate_up_kernel(x, w1, order, offs, rw, h, K, D, F, s_x, s_w1e, s_w1f, s_h,
                         BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
         e = tl.program_id(0)
         f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         fm = f < F
-        start = tl.load(offs + e - 1, mask=e > 0, other=0)
-        end = tl.load(offs + e)
+        start, end = _expert_rows(offs, e)
         wg = w1 + e * s_w1e + f[None, :] * s_w1f  # (1, BLOCK_F) row pointers of the gate block; up is F rows on
         while start < end:  # `while`, not a runtime range: Triton 3.6's interpreter fails on those
             m = start + tl.arange(0, BLOCK_M)
@@ -57,8 +61,7 @@ if triton is not None:
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < D
-        start = tl.load(offs + e - 1, mask=e > 0, other=0)
-        end = tl.load(offs + e)
+        start, end = _expert_rows(offs, e)
         while start < end:
             m = start + tl.arange(0, BLOCK_M)
             mm = m < end

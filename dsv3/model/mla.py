@@ -60,14 +60,18 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.dv, D, bias=bias)
         self.fused_a: torch.Tensor | None = None  # set by fuse_projections()
 
+    @property
+    def _q_first(self) -> nn.Linear:
+        """The query's projection of x (q_proj, or q_a_proj before the low-rank norm and q_b): it and kv_a take x."""
+        return self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+
     def _project(self, x, cos, sin):
         """-> q_nope (..., H, Dn), roped q_pe (..., H, Dr), normed c_kv (..., C), roped k_pe (..., Dr)."""
-        q_first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj  # both take x, as kv_a does
         if self.fused_a is not None and not torch.is_grad_enabled():
-            q, kv = F.linear(x, self.fused_a).split((q_first.out_features, self.c + self.dr), dim=-1)
+            q, kv = F.linear(x, self.fused_a).split((self._q_first.out_features, self.c + self.dr), dim=-1)
         else:
-            q, kv = q_first(x), self.kv_a_proj_with_mqa(x)
-        if q_first is not getattr(self, "q_proj", None):
+            q, kv = self._q_first(x), self.kv_a_proj_with_mqa(x)
+        if hasattr(self, "q_b_proj"):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.unflatten(-1, (self.n_heads, self.dn + self.dr)).split((self.dn, self.dr), dim=-1)
         c_kv, k_pe = kv.split((self.c, self.dr), dim=-1)
@@ -76,9 +80,8 @@ class MLA(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference: the two projections of x (q_a or q, and kv_a) as one GEMM (see `fuse_rows`)."""
-        q_first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
-        if q_first.bias is None and self.kv_a_proj_with_mqa.bias is None:
-            self.fused_a = fuse_rows(self.fused_a, q_first, self.kv_a_proj_with_mqa)
+        if self._q_first.bias is None and self.kv_a_proj_with_mqa.bias is None:
+            self.fused_a = fuse_rows(self.fused_a, self._q_first, self.kv_a_proj_with_mqa)
 
     def forward(self, x, cos, sin, mask=None, cache: PagedKV | None = None):
         """x (B, T, D) with cos/sin (B, T, Dr/2); or, with a cache, x (T, D) flattened with cos/sin (T, Dr/2).

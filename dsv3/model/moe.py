@@ -122,12 +122,12 @@ class Experts(nn.Module):
         N, K = idx_NK.shape
         E = self.gate_up_proj.shape[0]
         flat = idx_NK.flatten()  # (N·K,)
+        triton_ffn = moe_decode.usable(x_ND, flat.numel(), E)
         if flat.numel() * E <= COUNTING_SORT_MAX:  # decode-sized: a counting sort, no sort kernels
             onehot = F.one_hot(flat, E)  # (N·K, E)
             counts_E = onehot.sum(0)
             rank = onehot.cumsum(0).gather(1, flat[:, None])[:, 0] - 1  # earlier rows of the same expert
-            on_cpu = x_ND.device.type == "cpu" and not moe_decode.usable(x_ND, flat.numel(), E)  # no Triton here
-            if on_cpu and not torch.is_grad_enabled():
+            if x_ND.device.type == "cpu" and not triton_ffn and not torch.is_grad_enabled():
                 m = int(counts_E.max())
                 if m * E <= 4 * flat.numel():  # padding at most quadruples the rows
                     return self._padded(x_ND, w_NK, flat * m + rank, m), counts_E
@@ -141,7 +141,7 @@ class Experts(nn.Module):
             dest = torch.empty_like(order).scatter_(0, order, torch.arange(flat.numel(), device=flat.device))
         # `order`: rows sorted by expert, stably (the same permutation either way: deterministic); `dest` its inverse
         offs, w_sorted = counts_E.cumsum(0).to(torch.int32), w_NK.flatten()[order]
-        if moe_decode.usable(x_ND, flat.numel(), E):
+        if triton_ffn:
             y_sorted = moe_decode.moe_ffn(x_ND, self.gate_up_proj, self.down_proj, order, offs, w_sorted, K)
         else:
             y_sorted = self.ffn(x_ND[order // K], w_sorted, offs)
