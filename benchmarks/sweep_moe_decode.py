@@ -26,26 +26,27 @@ def case(N, g):
     w2 = [torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * 0.06 for _ in range(LAYERS)]
     x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).cuda().flatten()
-    order = idx.argsort(stable=True)
-    offs = torch.bincount(idx, minlength=E).cumsum(0).to(torch.int32)
     ws = torch.rand(N * K, device="cuda")
-    return w1, w2, x, order, offs, ws
+    if N * K <= moe_decode.FEW:  # the kernels pick each expert's rows out of the unsorted ones
+        return w1, w2, x, idx, idx, ws, False
+    offs = torch.bincount(idx, minlength=E).cumsum(0).to(torch.int32)
+    return w1, w2, x, idx.argsort(stable=True), offs, ws, True
 
 
 def main():
     g = torch.Generator().manual_seed(0)
     rows = []
     for N in (1, 32):
-        w1, w2, x, order, offs, ws = case(N, g)
+        w1, w2, x, rows_, offs, ws, sorted_ = case(N, g)
         h = x.new_empty(N * K, F)
         y = x.new_empty(N * K, D)
         for bf, bd, nw, ns in itertools.product((16, 32, 64), (64, 128, 256), (2, 4), (2, 4)):
             def gate_up():
                 for layer in range(LAYERS):
                     moe_decode._gate_up_kernel[(E, triton.cdiv(F, bf))](
-                        x, w1[layer], order, offs, ws, h, K, D, F, x.stride(0), w1[layer].stride(0),
-                        w1[layer].stride(1), h.stride(0), BLOCK_M=16, BLOCK_F=bf, BLOCK_D=bd, num_warps=nw,
-                        num_stages=ns)
+                        x, w1[layer], rows_, offs, ws, h, N * K, K, D, F, x.stride(0), w1[layer].stride(0),
+                        w1[layer].stride(1), h.stride(0), BLOCK_M=16, BLOCK_F=bf, BLOCK_D=bd, SORTED=sorted_,
+                        num_warps=nw, num_stages=ns)
             us = do_bench_cudagraph(gate_up) * 1e3 / LAYERS
             rows.append({"kernel": "gate_up", "batch": N, "BLOCK_F": bf, "BLOCK_D": bd, "num_warps": nw,
                          "num_stages": ns, "us": us})
@@ -53,8 +54,9 @@ def main():
             def down():
                 for layer in range(LAYERS):
                     moe_decode._down_kernel[(E, triton.cdiv(D, bn))](
-                        h, w2[layer], offs, y, D, F, h.stride(0), w2[layer].stride(0), w2[layer].stride(1),
-                        y.stride(0), BLOCK_M=16, BLOCK_N=bn, BLOCK_F=bk, num_warps=nw, num_stages=ns)
+                        h, w2[layer], rows_, offs, y, N * K, K, D, F, h.stride(0), w2[layer].stride(0),
+                        w2[layer].stride(1), y.stride(0), BLOCK_M=16, BLOCK_N=bn, BLOCK_F=bk, SORTED=sorted_,
+                        num_warps=nw, num_stages=ns)
             us = do_bench_cudagraph(down) * 1e3 / LAYERS
             rows.append({"kernel": "down", "batch": N, "BLOCK_N": bn, "BLOCK_F": bk, "num_warps": nw,
                          "num_stages": ns, "us": us})
@@ -64,7 +66,8 @@ def main():
             print(f"{kern} batch {N}:")
             for r in best:
                 print("   ", {k: v for k, v in r.items() if k not in ("kernel", "batch")})
-            cur = (moe_decode.GATE_UP if kern == "gate_up" else moe_decode.DOWN)["few" if N * K <= 16 else "many"]
+            size = "few" if N * K <= moe_decode.FEW else "many"
+            cur = (moe_decode.GATE_UP if kern == "gate_up" else moe_decode.DOWN)[size]
             now = [r for r in rows if r["kernel"] == kern and r["batch"] == N
                    and all(r[k] == v for k, v in cur.items())]
             print("    current default:", round(now[0]["us"], 2) if now else None, "us")

@@ -82,6 +82,16 @@ MOE_DECODE = textwrap.dedent("""
         err = ((ours.double() - ref).norm() / ref.norm()).item()
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), (N, K, E, dtype, err)
         assert counts.tolist() == torch.bincount(idx.flatten(), minlength=E).tolist()
+        # Up to 16 rows the kernels also take them unsorted (as Experts does for one token): experts of several rows
+        rows = torch.stack([torch.randperm(4, generator=g)[:K] for _ in range(N)]).flatten()[:16]
+        w = torch.rand(rows.numel(), generator=g)
+        each = torch.stack([F.linear(F.silu(gate) * up, ex.down_proj[e].double()) * wr for e, wr, gate, up in
+                            [(e, wr, *F.linear(x[p // K].double(), ex.gate_up_proj[e].double()).chunk(2))
+                             for p, (e, wr) in enumerate(zip(rows.tolist(), w.double()))]])
+        with torch.no_grad():
+            ours = moe_decode.moe_ffn(x, ex.gate_up_proj, ex.down_proj, rows, w, K)
+        err = ((ours.double() - each).norm() / each.norm()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("unsorted", N, K, E, dtype, err)
     print("ok")
 """)
 

@@ -9,7 +9,8 @@ block of output columns) walks its expert's rows 16 at a time, reading that bloc
 
 An expert with no rows costs a program that exits at once. Worth it while experts have few rows each: a
 bench-684m decode step at batch 1 on an H100 spent 230 µs in CUTLASS's grouped GEMMs and their setup kernels (two
-of each per layer), 122 µs in these two kernels.
+of each per layer), 122 µs in these two kernels. At most 16 rows (one token) need no sort: each program finds its
+expert's rows among them, which spared a batch-1 step 44 of its 400 kernels (1.030 -> 0.954 ms on an H100).
 
 `moe_ffn` runs these kernels on CUDA tensors (or under TRITON_INTERPRET=1, how CI tests them on a CPU).
 """
@@ -23,22 +24,39 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _expert_rows(offs, e):
-        """[start, end) of expert e's rows, from the group ends `offs`."""
-        return tl.load(offs + e - 1, mask=e > 0, other=0), tl.load(offs + e)
+    def _expert_rows(rows, offs, e, R, BLOCK_M: tl.constexpr, SORTED: tl.constexpr):
+        """[start, end) of the rows to walk for expert e: its group of the sorted rows (group ends `offs`); or,
+        unsorted (R <= BLOCK_M rows, `rows` their experts), all R if any is e's, else none."""
+        if SORTED:
+            start, end = tl.load(offs + e - 1, mask=e > 0, other=0), tl.load(offs + e)
+        else:
+            m = tl.arange(0, BLOCK_M)
+            mine = tl.sum((tl.load(rows + m, mask=m < R, other=-1) == e).to(tl.int32))
+            start, end = 0, tl.where(mine > 0, R, 0)
+        return start, end
 
     @triton.jit
-    def _gate_up_kernel(x, w1, order, offs, rw, h, K, D, F, s_x, s_w1e, s_w1f, s_h,
-                        BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _chunk(rows, m, end, e, K, SORTED: tl.constexpr):
+        """Which of rows m (< end) are expert e's, and their tokens."""
+        if SORTED:
+            mm = m < end
+            tok = tl.load(rows + m, mask=mm, other=0) // K
+        else:
+            mm = (m < end) & (tl.load(rows + m, mask=m < end, other=-1) == e)
+            tok = m // K
+        return mm, tok
+
+    @triton.jit
+    def _gate_up_kernel(x, w1, rows, offs, rw, h, R, K, D, F, s_x, s_w1e, s_w1f, s_h,
+                        BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, SORTED: tl.constexpr):
         e = tl.program_id(0)
         f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         fm = f < F
-        start, end = _expert_rows(offs, e)
+        start, end = _expert_rows(rows, offs, e, R, BLOCK_M, SORTED)
         wg = w1 + e * s_w1e + f[None, :] * s_w1f  # (1, BLOCK_F) row pointers of the gate block; up is F rows on
         while start < end:  # `while`, not a runtime range: Triton 3.6's interpreter fails on those
             m = start + tl.arange(0, BLOCK_M)
-            mm = m < end
-            tok = tl.load(order + m, mask=mm, other=0) // K
+            mm, tok = _chunk(rows, m, end, e, K, SORTED)
             acc_g = tl.zeros([BLOCK_M, BLOCK_F], tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_F], tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -56,15 +74,15 @@ if triton is not None:
             start += BLOCK_M
 
     @triton.jit
-    def _down_kernel(h, w2, offs, y, D, F, s_h, s_w2e, s_w2d, s_y,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+    def _down_kernel(h, w2, rows, offs, y, R, K, D, F, s_h, s_w2e, s_w2d, s_y,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, SORTED: tl.constexpr):
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < D
-        start, end = _expert_rows(offs, e)
+        start, end = _expert_rows(rows, offs, e, R, BLOCK_M, SORTED)
         while start < end:
             m = start + tl.arange(0, BLOCK_M)
-            mm = m < end
+            mm, _ = _chunk(rows, m, end, e, K, SORTED)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for f0 in range(0, F, BLOCK_F):
                 f = f0 + tl.arange(0, BLOCK_F)
@@ -92,34 +110,44 @@ def usable(x: torch.Tensor, rows: int, experts: int) -> bool:
     return _use_triton(x) and not torch.is_grad_enabled() and rows <= 8 * experts
 
 
-def moe_ffn(x, gate_up_proj, down_proj, order, offs, w_sorted, top_k: int):
-    """x (N, D); gate_up_proj (E, 2F, D) (gate rows first); down_proj (E, D, F); order (N·K,) pair indices
-    (pair p = token p // top_k) sorted by expert; offs (E,) group ends; w_sorted (N·K,) routing weights in that
-    order -> (N·K, D) each sorted row's expert output, scaled by its weight."""
-    return _moe_ffn(x, gate_up_proj, down_proj, order, offs, w_sorted, top_k)
+FEW = 16  # rows up to which the kernels take them unsorted (one chunk of BLOCK_M)
+
+
+def moe_ffn(x, gate_up_proj, down_proj, rows, w, top_k: int, offs=None):
+    """x (N, D); gate_up_proj (E, 2F, D) (gate rows first); down_proj (E, D, F); w (N·K,) routing weights of the
+    (token, expert) pairs (pair p = token p // top_k) -> (N·K, D) each pair's expert output, scaled by its weight.
+    Either `rows` are the pairs sorted by expert, group ends `offs` (E,), and w and the output in that order; or,
+    for at most FEW pairs and no `offs`, `rows` is each pair's expert, in pair order: each program picks its
+    expert's pairs out of them, and nothing needs sorting (at batch 1, that sort was 4 of a layer's kernels)."""
+    if offs is None and rows.shape[0] > FEW:
+        raise ValueError(f"unsorted rows: at most {FEW}, got {rows.shape[0]}")
+    return _moe_ffn(x, gate_up_proj, down_proj, rows, w, top_k, offs)
 
 
 # Opaque to torch.compile (the decode graph records it as one call), like dsv3::mla_decode.
 @torch.library.custom_op("dsv3::moe_ffn", mutates_args=())
-def _moe_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, order: torch.Tensor,
-             offs: torch.Tensor, w_sorted: torch.Tensor, top_k: int) -> torch.Tensor:
+def _moe_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: torch.Tensor,
+             w: torch.Tensor, top_k: int, offs: torch.Tensor | None) -> torch.Tensor:
     E, F2, D = gate_up_proj.shape
-    F, rows = F2 // 2, order.shape[0]
+    F, R = F2 // 2, rows.shape[0]
     x = x.contiguous()
     w1, w2 = gate_up_proj.to(x.dtype).contiguous(), down_proj.to(x.dtype).contiguous()
-    order, offs, w_sorted = order.contiguous(), offs.to(torch.int32).contiguous(), w_sorted.contiguous()
-    h = x.new_empty(rows, F)
-    y = x.new_empty(rows, D)
-    size = "few" if rows <= 16 else "many"
+    sorted_ = offs is not None
+    rows, w = rows.contiguous(), w.contiguous()
+    offs = offs.to(torch.int32).contiguous() if sorted_ else rows  # (unsorted: unused)
+    h = x.new_empty(R, F)
+    y = x.new_empty(R, D)
+    size = "few" if R <= FEW else "many"
     up, down = GATE_UP[size], DOWN[size]
     _gate_up_kernel[(E, triton.cdiv(F, up["BLOCK_F"]))](
-        x, w1, order, offs, w_sorted, h, top_k, D, F, x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-        BLOCK_M=16, **up)  # tl.dot wants M >= 16; fewer rows are masked
-    _down_kernel[(E, triton.cdiv(D, down["BLOCK_N"]))](h, w2, offs, y, D, F, h.stride(0), w2.stride(0),
-                                                       w2.stride(1), y.stride(0), BLOCK_M=16, **down)
+        x, w1, rows, offs, w, h, R, top_k, D, F, x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
+        BLOCK_M=FEW, SORTED=sorted_, **up)  # tl.dot wants M >= 16; fewer rows are masked
+    _down_kernel[(E, triton.cdiv(D, down["BLOCK_N"]))](
+        h, w2, rows, offs, y, R, top_k, D, F, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        BLOCK_M=FEW, SORTED=sorted_, **down)
     return y
 
 
 @_moe_ffn.register_fake
-def _(x, gate_up_proj, down_proj, order, offs, w_sorted, top_k):
-    return x.new_empty(order.shape[0], gate_up_proj.shape[2])
+def _(x, gate_up_proj, down_proj, rows, w, top_k, offs):
+    return x.new_empty(rows.shape[0], gate_up_proj.shape[2])

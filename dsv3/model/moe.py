@@ -123,6 +123,12 @@ class Experts(nn.Module):
         E = self.gate_up_proj.shape[0]
         flat = idx_NK.flatten()  # (N·K,)
         triton_ffn = moe_decode.usable(x_ND, flat.numel(), E)
+        # One token (decode at batch 1): the kernels pick each expert's rows out of `flat`, no sort. (On N alone:
+        # a torch.compile for N >= 2 then takes no guard on N here, and serves every batch size.)
+        if triton_ffn and N == 1 and K <= moe_decode.FEW:
+            counts_E = F.one_hot(flat, E).sum(0)
+            y_NKD = moe_decode.moe_ffn(x_ND, self.gate_up_proj, self.down_proj, flat, w_NK.flatten(), K).view(N, K, -1)
+            return y_NKD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
         if flat.numel() * E <= COUNTING_SORT_MAX:  # decode-sized: a counting sort, no sort kernels
             onehot = F.one_hot(flat, E)  # (N·K, E)
             counts_E = onehot.sum(0)
@@ -142,7 +148,7 @@ class Experts(nn.Module):
         # `order`: rows sorted by expert, stably (the same permutation either way: deterministic); `dest` its inverse
         offs, w_sorted = counts_E.cumsum(0).to(torch.int32), w_NK.flatten()[order]
         if triton_ffn:
-            y_sorted = moe_decode.moe_ffn(x_ND, self.gate_up_proj, self.down_proj, order, offs, w_sorted, K)
+            y_sorted = moe_decode.moe_ffn(x_ND, self.gate_up_proj, self.down_proj, order, w_sorted, K, offs)
         else:
             y_sorted = self.ffn(x_ND[order // K], w_sorted, offs)
         y_NKD = y_sorted[dest].view(N, K, -1)
