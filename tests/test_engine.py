@@ -59,6 +59,28 @@ def run(engine, schedule):
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
+def as_on_a_gpu(engine):
+    """Steps of up to a block of new tokens per sequence (short prompts, the tail after a prefix-cache hit) on
+    the absorbed-row path, as with CUDA graphs (Engine.absorbed_max_query)."""
+    engine.absorbed_max_query = engine.config.block_size
+    engine._decode = _CountRows(engine._decode)
+    return engine
+
+
+class _CountRows:
+    """A DecodeRunner that notes the rows of each call."""
+
+    def __init__(self, runner):
+        self.runner, self.rows = runner, []
+
+    def __call__(self, ids, *rest):
+        self.rows.append(len(ids))
+        return self.runner(ids, *rest)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
 @pytest.mark.parametrize("spec", [0, 1])
 def test_greedy_engine_equals_full_recomputation_with_joins_and_chunked_prefill(model, tok, spec):
     # Blocks of 16 and a 40-token budget: prompts span several blocks and are prefilled in chunks, side by side
@@ -78,6 +100,18 @@ def test_greedy_engine_equals_full_recomputation_with_joins_and_chunked_prefill(
     assert sorted(len(o.outputs[0].token_ids) for o in done.values()) == sorted(lens)
     assert engine.pool.num_free == engine.pool.num_blocks  # everything released
     assert (engine.drafted > 100) == bool(spec)
+
+
+@pytest.mark.parametrize("spec", [0, 1])
+def test_short_prompts_joining_decodes_as_absorbed_rows(model, tok, spec):
+    # As on a GPU: prompts of up to a block join running decodes in one step of absorbed rows.
+    engine = as_on_a_gpu(Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, speculative_tokens=spec)))
+    ps = prompts(3, [37, 5, 16], seed=2)
+    sp = SamplingParams(max_tokens=20, **GREEDY)
+    done, ids = run(engine, {0: [(ps[0], sp)], 3: [(ps[1], sp)], 5: [(ps[2], sp)]})
+    for rid, out in done.items():
+        assert out.outputs[0].token_ids == reference_greedy(model, ids[rid], 20)
+    assert max(engine._decode.rows) >= 16 + 1 + 1  # the 16-token prompt beside the two decodes
 
 
 class _Oracle:
@@ -134,8 +168,11 @@ def test_speculative_sampling_keeps_the_main_models_distribution():
 
 
 @pytest.mark.parametrize("spec", [0, 1])
-def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(model, tok, spec):
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(model, tok, spec, absorbed):
     engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, speculative_tokens=spec))
+    if absorbed:
+        as_on_a_gpu(engine)
     base = prompts(1, [50])[0]
     first, _ = run(engine, {0: [(base, SamplingParams(max_tokens=8, **GREEDY))]})
     assert next(iter(first.values())).num_cached_tokens == 0
@@ -148,6 +185,8 @@ def test_prefix_cache_hit_reuses_blocks_and_keeps_tokens(model, tok, spec):
     again, _ = run(engine, {0: [(base[:48], SamplingParams(max_tokens=4, **GREEDY))]})
     out = next(iter(again.values()))
     assert out.num_cached_tokens == 32 and out.outputs[0].token_ids == reference_greedy(model, base[:48], 4)
+    if absorbed:  # that last block went in as 16 absorbed rows
+        assert 16 in engine._decode.rows
 
 
 def test_weights_changed_never_serves_the_old_weights_cache(model, tok, tmp_path):

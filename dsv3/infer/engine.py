@@ -116,6 +116,11 @@ class Engine:
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_batched_tokens, self.store)
         self.requests: dict[str, list[Sequence]] = {}
         self.overlap = cfg.overlap if cfg.overlap is not None else self._decode.graphs
+        # A step whose sequences each bring at most this many new tokens runs as absorbed rows (`_decode`: a CUDA
+        # graph on a GPU). With graphs that takes in whole prompts shorter than a block and the tail a prompt
+        # recomputes after a prefix-cache hit: a prefill step costs ~45 ms of host time on an H100 (bench-684m,
+        # compiled pieces), a graph replay ~1-3 ms. Without graphs only decode and draft-check rows do.
+        self.absorbed_max_query = cfg.block_size if self._decode.graphs else ABSORBED_MAX_QUERY
         self._ahead: _Ahead | None = None  # a decode step launched whose tokens are not read back yet
         self._rng = torch.Generator().manual_seed(cfg.seed)
         self._next_id = itertools.count()
@@ -166,19 +171,29 @@ class Engine:
 
     def warmup(self) -> None:
         """Record every decode CUDA graph, and compile the prefill's pieces, now rather than at the first step that
-        needs them (GPU; else nothing). Without it an engine's first request waits for torch.compile (~2 s for
-        bench-684m's prefill on an H100)."""
+        needs them (GPU; else nothing). Without it a request waits for torch.compile: ~2 s for bench-684m's first
+        prefill on an H100, and again at the first prefill of each range of token counts that the MoE's code
+        branches on (routing and sorting methods): prompts of 7, 16, 32, ... tokens up to a full prefill chunk go
+        through once, and the prefix cache forgets them."""
         if not self._decode.graphs:
             return
         with torch.inference_mode():
             for runner in (self._decode, self._decode_mtp):
                 if runner is not None:
                     runner.capture_all()
-        # A prompt shorter than a block: nothing of it enters the prefix cache.
-        rid = self.add_request(list(range(2, 2 + min(8, self.config.block_size - 1))),
-                               SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), "dsv3-warmup")
-        while rid in self.requests:
-            self.step()
+        longest = min(self.config.max_batched_tokens, self.max_len - 3)
+        sizes = [7] + [n for n in (2 ** i for i in range(4, 16)) if n < longest] + [longest]
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        self.absorbed_max_query, short = ABSORBED_MAX_QUERY, self.absorbed_max_query  # the prefill path
+        try:
+            for n in sizes:
+                rid = self.add_request([2 + i % 100 for i in range(n)], params, "dsv3-warmup")
+                while rid in self.requests:
+                    self.step()
+                self.pool.rename(self.pool.model_id)  # forgotten: the next prompt computes all of its tokens
+        finally:
+            self.absorbed_max_query = short
+        self.pool.hits = self.pool.queries = 0
         self.drafted = self.accepted = 0
 
     def has_unfinished(self) -> bool:
@@ -293,7 +308,7 @@ class Engine:
                 k = 1 + len(seq.draft)
                 rows[seq.seq_id] = list(range(len(logit_rows), len(logit_rows) + k))
                 logit_rows += range(start - k, start)
-        if all(n <= ABSORBED_MAX_QUERY for _, n in pairs):  # a decode step: CUDA graph on a GPU
+        if self._absorbed([n for _, n in pairs]):  # a decode step: CUDA graph on a GPU
             logits, hidden = self._decode(*self._rows(spans))
             if logit_rows != list(range(len(logits))):  # (plain decode steps want every row, in order)
                 logits = logits[to_device(logit_rows, self.device)]
@@ -304,6 +319,11 @@ class Engine:
         with self._fused():
             out = self.model(ids, positions=pos, cache=cache)
         return out.logits, out.hidden, rows
+
+    def _absorbed(self, query_lens: list[int]) -> bool:
+        """Whether a step of these new-token counts (one per sequence) runs as absorbed rows (`_decode`)."""
+        return max(query_lens) <= self.absorbed_max_query and (
+            max(query_lens) <= ABSORBED_MAX_QUERY or sum(query_lens) <= self._decode.max_rows)
 
     def _rows(self, spans, shift=0):
         """Host lists of the flat batch, one entry per token of `n` tokens of each sequence from position `start`,
@@ -391,7 +411,7 @@ class Engine:
                 drafting.append(seq)
                 last.append(end - 1)
         # Row i pairs h_i with t_{i+1}: the token one place later.
-        if all(m <= ABSORBED_MAX_QUERY for _, _, m in spans):  # a decode step: CUDA graph on a GPU
+        if self._absorbed([m for _, _, m in spans]):  # a decode step: CUDA graph on a GPU
             logits = self._decode_mtp(*self._rows(spans, shift=1), hidden[offsets])[0][to_device(last, self.device)]
         else:
             ids, pos, slots, tables = self._flat(spans, shift=1)

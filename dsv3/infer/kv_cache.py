@@ -57,6 +57,7 @@ class BlockPool:
         Only while no sequence holds blocks."""
         if any(self.ref):
             raise RuntimeError("the block pool is in use: rename it only when no sequence runs")
+        self.model_id = model_id
         self.seed = hashlib.blake2b(model_id.encode(), digest_size=16).digest()
         self.hash: list[bytes | None] = [None] * self.num_blocks
         self.by_hash: dict[bytes, int] = {}
