@@ -100,3 +100,72 @@ def test_moe_decode_triton_kernels_match_per_expert_reference():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", MOE_DECODE], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+# Every launch of our Triton kernels at the settings the code uses, compiled (not run) for an H100 by Triton's own
+# compiler on this CPU: the interpreter above never compiles, and a kernel that only fails to compile (types that
+# differ between branches, a tile too large for shared memory) would otherwise first fail on a GPU machine.
+HOPPER = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+    launches = []
+    JITFunction.run = lambda self, *args, grid, warmup, **kw: launches.append((self, args, kw))  # record only
+    from dsv3.kernels import fp8, fp8_grouped, mla_decode, moe_decode
+    bf, f8 = torch.bfloat16, fp8.FP8
+    x = torch.randn(300, 520).to(bf)
+    for ue8m0 in (False, True):
+        fp8._quantize_rows_launch(x, ue8m0, True)
+        fp8._quantize_blocks_launch(x.view(2, 150, 520), ue8m0, True)
+    E, N, K, R = 4, 256, 384, 512
+    offs = torch.tensor([128, 256, 256, 512], dtype=torch.int32)
+    fp8_grouped._grouped_fp8_mm_triton(torch.zeros(R, K).to(f8), torch.ones(R, K // 128), torch.zeros(E, N, K).to(f8),
+                                       torch.ones(E, N // 128, K // 128), offs, bf, 128, 128, 8, 3)
+    fp8_grouped._grouped_fp8_wgrad_triton(torch.zeros(N, R).to(f8), torch.ones(N, R // 128), torch.zeros(K, R).to(f8),
+                                          torch.ones(K, R // 128), offs, torch.float32, 128, 128, 8, 3)
+    for H, C, Rd in ((16, 256, 32), (128, 512, 64)):  # bench-684m's and DeepSeek-V3's latent widths
+        for splits in (1, 4):
+            B = 3
+            mla_decode._mla_decode_triton(torch.randn(B, H, C).to(bf), torch.randn(B, H, Rd).to(bf),
+                                          torch.randn(8, 64, C + Rd).to(bf), torch.zeros(B, 2, dtype=torch.int32),
+                                          torch.tensor([5, 64, 100]), 0.1, 32, splits)
+    E, D, F = 64, 1024, 256
+    w1, w2 = torch.randn(E, 2 * F, D).to(bf), torch.randn(E, D, F).to(bf)
+    for n, k, sort in ((1, 6, False), (2, 6, True), (32, 6, True)):  # unsorted, and sorted with few and many rows
+        rows = torch.randint(0, E, (n * k,))
+        order = rows.argsort() if sort else rows
+        moe_decode._moe_ffn(torch.randn(n, D).to(bf), w1, w2, order, torch.rand(n * k), k,
+                            torch.bincount(rows, minlength=E).cumsum(0) if sort else None)
+    TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+             torch.int64: "i64", f8: "fp8e4nv"}
+    def type_of(v):
+        if isinstance(v, torch.Tensor):
+            return "*" + TYPES[v.dtype]
+        if isinstance(v, float):
+            return "fp32"
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+    done = set()
+    for fn, args, kw in launches:
+        bound = dict(zip(fn.arg_names, args)) | {k: v for k, v in kw.items() if k in fn.arg_names}
+        options = {k: v for k, v in kw.items() if k not in fn.arg_names}
+        sig = {p.name: "constexpr" if p.is_constexpr else type_of(bound[p.name]) for p in fn.params}
+        consts = {p.name: bound[p.name] for p in fn.params if p.is_constexpr}
+        key = (fn.__name__, str(sig), str(consts), str(options))
+        if key in done:
+            continue
+        done.add(key)
+        k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+        assert k.metadata.shared <= 227 * 1024, (key, k.metadata.shared)  # an H100's shared memory per block
+    names = {k[0] for k in done}
+    assert names == {"_quant_rows_kernel", "_quant_cols_kernel", "_quant_blocks_kernel", "_grouped_fp8_fwd_kernel",
+                     "_grouped_fp8_wgrad_kernel", "_mla_decode_kernel", "_mla_combine_kernel", "_gate_up_kernel",
+                     "_down_kernel"}, names
+    print(len(done), "ok")
+""")
+
+
+def test_triton_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", HOPPER], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
