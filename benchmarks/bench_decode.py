@@ -9,6 +9,7 @@ read, over the measured device copy bandwidth).
 
   python benchmarks/bench_decode.py --preset bench-684m --batches 1,32,128        # an H100
   python benchmarks/bench_decode.py --preset tiny --batches 1,8 --new-tokens 32   # CPU smoke run
+  python benchmarks/bench_decode.py --preset deepseek-v2-lite --batches 1 --no-peer --fp8-weights  # and FP8
 Writes benchmarks/results/bench_decode_<preset>_<device>.json.
 """
 from __future__ import annotations
@@ -129,6 +130,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=256, help="generated tokens per request")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also time transformers")
     p.add_argument("--spec", type=int, default=0, help="MTP speculative tokens (needs the preset's MTP module)")
+    p.add_argument("--fp8-weights", action="store_true",
+                   help="then the same model with its decoder weights in FP8 (dsv3/infer/fp8_weights.py)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -149,8 +152,9 @@ def main():
         results["batch1_floor_ms"] = 1e3 * (weight_bytes + cache_bytes) / (bw / 2)  # bw counts read + write
         results["copy_bandwidth_GBps"] = bw / 1e9
     g = torch.Generator().manual_seed(1)
-    for B in [int(b) for b in args.batches.split(",")]:
-        prompts = torch.randint(2, tok.vocab_size, (B, args.prompt_len), generator=g).tolist()
+    batches = {int(b): torch.randint(2, tok.vocab_size, (int(b), args.prompt_len), generator=g).tolist()
+               for b in args.batches.split(",")}
+    for B, prompts in batches.items():
         r = {"dsv3": run_ours(model, tok, prompts, args.new_tokens, args.spec)}
         if args.peer:
             r["transformers"] = run_hf(cfg, state, prompts, args.new_tokens, device)
@@ -163,6 +167,15 @@ def main():
         print(f"batch {B}: {json.dumps(r)}", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
+    if args.fp8_weights:  # the same model, converted in place: e4m3 decoder weights, half the bytes a step reads
+        from dsv3.infer.fp8_weights import fp8_weights
+        results["fp8_weights"] = fp8_weights(model)
+        for B, prompts in batches.items():
+            r = run_ours(model, tok, prompts, args.new_tokens, args.spec)
+            r.pop("first_tokens")
+            r["over_bf16"] = r["decode_tokens_per_s"] / results[f"batch_{B}"]["dsv3"]["decode_tokens_per_s"]
+            results[f"batch_{B}"]["dsv3_fp8_weights"] = r
+            print(f"batch {B}, FP8 weights: {json.dumps(r)}", flush=True)
     if device == "cuda":
         ms = 1e3 / results["batch_1"]["dsv3"]["decode_tokens_per_s"] if "batch_1" in results else None
         if ms:

@@ -44,9 +44,9 @@ def main():
             def gate_up():
                 for layer in range(LAYERS):
                     moe_decode._gate_up_kernel[(E, triton.cdiv(F, bf))](
-                        x, w1[layer], rows_, offs, ws, h, N * K, K, D, F, x.stride(0), w1[layer].stride(0),
-                        w1[layer].stride(1), h.stride(0), BLOCK_M=16, BLOCK_F=bf, BLOCK_D=bd, SORTED=sorted_,
-                        num_warps=nw, num_stages=ns)
+                        x, w1[layer], w1[layer], rows_, offs, ws, h, N * K, K, D, F, x.stride(0),
+                        w1[layer].stride(0), w1[layer].stride(1), 0, 0, h.stride(0), BLOCK_M=16, BLOCK_F=bf,
+                        BLOCK_D=bd, SORTED=sorted_, SCALED=False, num_warps=nw, num_stages=ns)
             us = do_bench_cudagraph(gate_up) * 1e3 / LAYERS
             rows.append({"kernel": "gate_up", "batch": N, "BLOCK_F": bf, "BLOCK_D": bd, "num_warps": nw,
                          "num_stages": ns, "us": us})
@@ -54,9 +54,9 @@ def main():
             def down():
                 for layer in range(LAYERS):
                     moe_decode._down_kernel[(E, triton.cdiv(D, bn))](
-                        h, w2[layer], rows_, offs, y, N * K, K, D, F, h.stride(0), w2[layer].stride(0),
-                        w2[layer].stride(1), y.stride(0), BLOCK_M=16, BLOCK_N=bn, BLOCK_F=bk, SORTED=sorted_,
-                        num_warps=nw, num_stages=ns)
+                        h, w2[layer], w2[layer], rows_, offs, y, N * K, K, D, F, h.stride(0),
+                        w2[layer].stride(0), w2[layer].stride(1), 0, 0, y.stride(0), BLOCK_M=16, BLOCK_N=bn,
+                        BLOCK_F=bk, SORTED=sorted_, SCALED=False, num_warps=nw, num_stages=ns)
             us = do_bench_cudagraph(down) * 1e3 / LAYERS
             rows.append({"kernel": "down", "batch": N, "BLOCK_N": bn, "BLOCK_F": bk, "num_warps": nw,
                          "num_stages": ns, "us": us})

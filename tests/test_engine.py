@@ -447,3 +447,39 @@ def test_overlapped_decode_gives_the_plain_loops_outputs(model, tok):
     assert ours[0].outputs[0].token_ids == reference_greedy(model, ps[0], 40)
     assert ours[4].outputs[0].token_ids == ref[: ref.index(ref[12]) + 1]  # stopped on its token
     assert ours[5].outputs[0].logprobs is not None and len(ours[5].outputs[0].logprobs) == 8
+
+
+def test_fp8_weights_engine_equals_recomputation_with_the_dequantized_weights(tok):
+    # FP8 weights at inference: the engine over e4m3 linears and routed experts gives exactly the greedy tokens of
+    # a plain model holding the dequantized values (both float32 here, MTP speculation on), at 1 byte per weight.
+    from dsv3.infer.fp8_weights import Fp8WeightExperts, Fp8WeightLinear
+    from dsv3.io.fp8 import dequantize_blocks
+    from dsv3.model.moe import Experts
+    cfg = ModelConfig.from_hf_dict({"model_type": "deepseek_v3", **small_v3(vocab_size=576),
+                                    "num_nextn_predict_layers": 1})
+    model, ref = random_model(cfg, std=0.2), random_model(cfg, std=0.2)
+    decoder = [(n, type(m)) for n, m in model.named_modules() if n.startswith(("layers", "mtp"))]
+    linears = [n for n, t in decoder if t is torch.nn.Linear and not n.endswith(("kv_b_proj", "eh_proj"))]
+    experts = [n for n, t in decoder if t is Experts]
+    llm = LLM(model, tok, config=EngineConfig(block_size=16, num_blocks=64, speculative_tokens=1), fp8_weights=True)
+    assert linears and experts
+    with torch.no_grad():
+        for name in linears:
+            m = model.get_submodule(name)
+            assert isinstance(m, Fp8WeightLinear) and m.weight.element_size() == 1
+            ref.get_submodule(name).weight.copy_(dequantize_blocks(m.weight, m.weight_scale_inv))
+        for name in experts:
+            m = model.get_submodule(name)
+            assert isinstance(m, Fp8WeightExperts) and m.gate_up_proj.element_size() == m.down_proj.element_size() == 1
+            for w, s in (("gate_up_proj", m.gate_up_proj_scale_inv), ("down_proj", m.down_proj_scale_inv)):
+                getattr(ref.get_submodule(name), w).copy_(dequantize_blocks(getattr(m, w), s))
+    ps = prompts(2, [9, 41], seed=3)
+    done, ids = run(llm.engine, {0: [(p, SamplingParams(max_tokens=24, logprobs=0, **GREEDY)) for p in ps]})
+    for rid, out in done.items():
+        toks = out.outputs[0].token_ids
+        assert toks == reference_greedy(ref, ids[rid], 24)
+        with torch.no_grad():  # and each token's log-probability, which a wrong scale anywhere would move
+            lp = ref(torch.tensor([ids[rid] + toks])).logits[0, len(ids[rid]) - 1:-1].log_softmax(-1)
+        want = lp.gather(1, torch.tensor(toks)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor([t.logprob for t in out.outputs[0].logprobs]), want, atol=1e-4)
+    assert llm.engine.drafted > 0

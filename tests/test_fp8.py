@@ -218,3 +218,30 @@ def test_triton_quantize_kernel_matches_torch_reference():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", QUANT_KERNEL], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+# FP8 weights at inference (dsv3/infer/fp8_weights.py): the weight-only GEMM's Triton kernel against float64 on
+# the dequantized weight, ragged N and K (a 576-row kv_a-like weight, K off 128), 1 to 40 rows.
+W8_KERNEL = textwrap.dedent("""
+    import torch
+    from dsv3.io.fp8 import dequantize_blocks, quantize
+    from dsv3.kernels.fp8 import _use_triton, fp8_weight_mm
+    g = torch.Generator().manual_seed(0)
+    for M, N, K, dtype in [(1, 200, 300, torch.float32), (5, 576, 256, torch.float16), (16, 64, 128, torch.float32),
+                           (40, 130, 384, torch.float32), (17, 256, 200, torch.float16)]:
+        wq, ws = quantize(torch.randn(N, K, generator=g) * 0.1)
+        x = torch.randn(M, K, generator=g).to(dtype)
+        assert _use_triton(x)
+        ref = x.double() @ dequantize_blocks(wq, ws, torch.float64).t()
+        ours = fp8_weight_mm(x, wq, ws)
+        err = ((ours.double() - ref).norm() / ref.norm()).item()
+        assert ours.dtype == dtype and err < (1e-6 if dtype == torch.float32 else 2e-3), (M, N, K, dtype, err)
+    print("ok")
+""")
+
+
+def test_fp8_weight_mm_kernel_matches_dequantized_float64():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", W8_KERNEL], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

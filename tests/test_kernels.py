@@ -92,6 +92,29 @@ MOE_DECODE = textwrap.dedent("""
             ours = moe_decode.moe_ffn(x, ex.gate_up_proj, ex.down_proj, rows, w, K)
         err = ((ours.double() - each).norm() / each.norm()).item()
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("unsorted", N, K, E, dtype, err)
+    # FP8 weights (e4m3, 128x128 block scales per expert; D and F off the blocks), rows unsorted and sorted,
+    # against float64 on the dequantized weights
+    from dsv3.kernels.fp8 import dequantize_blocks, quantize_blocks
+    E, D, F_, K = 4, 200, 136, 2
+    (q1, s1), (q2, s2) = quantize_blocks(torch.randn(E, 2 * F_, D, generator=g) / D ** 0.5), \
+        quantize_blocks(torch.randn(E, D, F_, generator=g) / F_ ** 0.5)
+    w1, w2 = dequantize_blocks(q1, s1, torch.float64), dequantize_blocks(q2, s2, torch.float64)
+    for N in (1, 20):
+        x = torch.randn(N, D, generator=g)
+        rows = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).flatten()
+        w = torch.rand(N * K, generator=g)
+        each = torch.stack([F.linear(F.silu(gate) * up, w2[e]) * wr for e, wr, gate, up in
+                            [(e, wr, *F.linear(x[p // K].double(), w1[e]).chunk(2))
+                             for p, (e, wr) in enumerate(zip(rows.tolist(), w.double()))]])
+        if N == 1:
+            ours = moe_decode.moe_ffn(x, q1, q2, rows, w, K, scales=(s1, s2))
+        else:
+            order = rows.argsort(stable=True)
+            ours = torch.empty_like(x.new_empty(N * K, D))
+            ours[order] = moe_decode.moe_ffn(x, q1, q2, order, w[order], K, torch.bincount(rows, minlength=E).cumsum(0),
+                                             scales=(s1, s2))
+        err = ((ours.double() - each).norm() / each.norm()).item()
+        assert err < 1e-5, ("fp8 weights", N, err)
     print("ok")
 """)
 
@@ -135,8 +158,12 @@ HOPPER = textwrap.dedent("""
     for n, k, sort in ((1, 6, False), (2, 6, True), (32, 6, True)):  # unsorted, and sorted with few and many rows
         rows = torch.randint(0, E, (n * k,))
         order = rows.argsort() if sort else rows
-        moe_decode._moe_ffn(torch.randn(n, D).to(bf), w1, w2, order, torch.rand(n * k), k,
-                            torch.bincount(rows, minlength=E).cumsum(0) if sort else None)
+        offs = torch.bincount(rows, minlength=E).cumsum(0) if sort else None
+        moe_decode._moe_ffn(torch.randn(n, D).to(bf), w1, w2, order, torch.rand(n * k), k, offs, None, None)
+        moe_decode._moe_ffn(torch.randn(n, D).to(bf), w1.to(f8), w2.to(f8), order, torch.rand(n * k), k, offs,
+                            torch.ones(E, 2 * F // 128, D // 128), torch.ones(E, D // 128, F // 128))  # FP8 weights
+    for M in (1, 200):  # FP8 weights at inference: decode rows and a prefill chunk
+        fp8._w8_mm_op(torch.randn(M, 7168).to(bf), torch.zeros(1536, 7168).to(f8), torch.ones(12, 56))
     TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
              torch.int64: "i64", f8: "fp8e4nv"}
     def type_of(v):
@@ -160,7 +187,7 @@ HOPPER = textwrap.dedent("""
     names = {k[0] for k in done}
     assert names == {"_quant_rows_kernel", "_quant_cols_kernel", "_quant_blocks_kernel", "_grouped_fp8_fwd_kernel",
                      "_grouped_fp8_wgrad_kernel", "_mla_decode_kernel", "_mla_combine_kernel", "_gate_up_kernel",
-                     "_down_kernel"}, names
+                     "_down_kernel", "_w8_mm_kernel"}, names
     print(len(done), "ok")
 """)
 

@@ -20,6 +20,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (Hugging Face layout with tokenizer files)")
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--fp8-weights", action="store_true", help="decoder linears in FP8 (e4m3, 128x128 block scales): half their memory")
     add_sampling_args(p)
 
 
@@ -55,7 +56,7 @@ class _Stream:
 
 def run(args, stdin=sys.stdin, stdout=sys.stdout) -> list[dict]:
     from dsv3.infer.llm import LLM
-    llm = LLM(args.checkpoint, device=args.device)
+    llm = LLM(args.checkpoint, device=args.device, fp8_weights=args.fp8_weights)
     engine, tok, params = llm.engine, llm.tokenizer, params_from_args(args)
     system = args.system
     messages = [{"role": "system", "content": system}] if system else []

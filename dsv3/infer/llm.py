@@ -21,8 +21,11 @@ from dsv3.tokenizer import Tokenizer
 
 class LLM:
     def __init__(self, model: str | Path | Transformer, tokenizer: str | Path | Tokenizer | None = None,
-                 device: str | None = None, dtype: torch.dtype | None = None, config: EngineConfig | None = None):
-        """A checkpoint directory (HF layout, with its tokenizer files) or a built model plus a tokenizer."""
+                 device: str | None = None, dtype: torch.dtype | None = None, config: EngineConfig | None = None,
+                 fp8_weights: bool = False):
+        """A checkpoint directory (HF layout, with its tokenizer files) or a built model plus a tokenizer.
+        `fp8_weights`: the decoder's linears held and multiplied in FP8 (dsv3/infer/fp8_weights.py; a built model
+        is converted in place)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(model, Transformer):
             if tokenizer is None:
@@ -31,6 +34,9 @@ class LLM:
             tokenizer = tokenizer or model
             model = load_model(model, device=device,
                                dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+        if fp8_weights:
+            from dsv3.infer.fp8_weights import fp8_weights as convert
+            convert(model)
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_dir(tokenizer)
         self.engine = Engine(model, self.tokenizer, config)
 

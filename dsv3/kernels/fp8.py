@@ -173,6 +173,59 @@ if triton is not None:
         tl.store(s_ptr + (e * nnb + pn) * nkb + pk, s)
 
 
+    @triton.jit
+    def _w8_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, s_x, s_y, s_s,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program: BLOCK_M rows × BLOCK_N output features (inside one 128-row block of W) of y = x · Wᵀ, W's
+        e4m3 values widened to x's dtype, each 128-wide slice of the reduction scaled by its block's scale in fp32."""
+        pm, pn = tl.program_id(0), tl.program_id(1)
+        rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, cm = rows < M, cols < N
+        scales = s_ptr + (pn * BLOCK_N // 128) * s_s
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, 128):
+            k = k0 + tl.arange(0, 128)
+            km = k < K
+            x = tl.load(x_ptr + rows[:, None] * s_x + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * K + k[:, None], mask=cm[None, :] & km[:, None], other=0.0)  # Wᵀ
+            acc += tl.dot(x, w.to(x.dtype)) * tl.load(scales + k0 // 128)
+        tl.store(y_ptr + rows[:, None] * s_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=rm[:, None] & cm[None, :])
+
+
+def fp8_weight_mm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """y (M, N) = x (M, K) · Wᵀ for W (N, K) held in e4m3 with 128×128 block scales ws (ceil(N/128), ceil(K/128)):
+    weight-only FP8 at inference (x keeps its dtype, as does y), fp32 accumulation. A Triton kernel on the GPU;
+    elsewhere W is dequantized (in fp32, then rounded once to x's dtype) for an ordinary matmul."""
+    if not _use_triton(x):
+        return F.linear(x, dequantize_blocks(wq, ws).to(x.dtype))
+    return _w8_mm_op(x, wq, ws)
+
+
+# Launch settings: (BLOCK_M, BLOCK_N, num_warps) for up to 16 rows (decode) and for more. BLOCK_N divides 128.
+W8_MM = {"few": (16, 32, 4), "many": (64, 128, 8)}
+
+
+@torch.library.custom_op("dsv3::fp8_weight_mm", mutates_args=())
+def _w8_mm_op(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    (M, K), N = x.shape, wq.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    wq, ws = wq.contiguous(), ws.float().contiguous()
+    y = x.new_empty(M, N)
+    bm, bn, warps = W8_MM["few" if M <= 16 else "many"]
+    if M:
+        _w8_mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x, wq, ws, y, M, N, K, x.stride(0), y.stride(0),
+                                                                 ws.stride(0), BLOCK_M=bm, BLOCK_N=bn,
+                                                                 num_warps=warps)
+    return y
+
+
+@_w8_mm_op.register_fake
+def _(x, wq, ws):
+    return x.new_empty(x.shape[0], wq.shape[0])
+
+
 def _store_dtype():
     return torch.float32 if _interpret() else FP8
 

@@ -12,6 +12,9 @@ bench-684m decode step at batch 1 on an H100 spent 230 µs in CUTLASS's grouped 
 of each per layer), 122 µs in these two kernels. At most 16 rows (one token) need no sort: each program finds its
 expert's rows among them, which spared a batch-1 step 44 of its 400 kernels (1.030 -> 0.954 ms on an H100).
 
+With FP8 weights at inference (e4m3, 128×128 block scales: dsv3/infer/fp8_weights.py) each program widens its
+weight tiles as it loads them and scales each 128-wide slice of the reduction by its block's scale.
+
 `moe_ffn` runs these kernels on CUDA tensors (or under TRITON_INTERPRET=1, how CI tests them on a CPU).
 """
 from __future__ import annotations
@@ -47,8 +50,9 @@ if triton is not None:
         return mm, tok
 
     @triton.jit
-    def _gate_up_kernel(x, w1, rows, offs, rw, h, R, K, D, F, s_x, s_w1e, s_w1f, s_h,
-                        BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, SORTED: tl.constexpr):
+    def _gate_up_kernel(x, w1, s1, rows, offs, rw, h, R, K, D, F, s_x, s_w1e, s_w1f, s_s1e, s_s1f, s_h,
+                        BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, SORTED: tl.constexpr,
+                        SCALED: tl.constexpr):
         e = tl.program_id(0)
         f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         fm = f < F
@@ -66,16 +70,23 @@ if triton is not None:
                 wmask = dm[:, None] & fm[None, :]
                 g = tl.load(wg + d[:, None], mask=wmask, other=0.0)  # (BLOCK_D, BLOCK_F): W_gateᵀ's block
                 u = tl.load(wg + F * s_w1f + d[:, None], mask=wmask, other=0.0)
-                acc_g = tl.dot(xa, g, acc_g)
-                acc_u = tl.dot(xa, u, acc_u)
+                if SCALED:  # e4m3 weights, one scale per 128×128 block: BLOCK_D divides 128
+                    sg = tl.load(s1 + e * s_s1e + (f // 128) * s_s1f + d0 // 128, mask=fm, other=0.0)
+                    su = tl.load(s1 + e * s_s1e + ((F + f) // 128) * s_s1f + d0 // 128, mask=fm, other=0.0)
+                    acc_g += tl.dot(xa, g.to(xa.dtype)) * sg[None, :]
+                    acc_u += tl.dot(xa, u.to(xa.dtype)) * su[None, :]
+                else:
+                    acc_g = tl.dot(xa, g, acc_g)
+                    acc_u = tl.dot(xa, u, acc_u)
             r = tl.load(rw + m, mask=mm, other=0.0).to(tl.float32)
             out = acc_g * tl.sigmoid(acc_g) * acc_u * r[:, None]
             tl.store(h + m[:, None] * s_h + f[None, :], out.to(h.dtype.element_ty), mask=mm[:, None] & fm[None, :])
             start += BLOCK_M
 
     @triton.jit
-    def _down_kernel(h, w2, rows, offs, y, R, K, D, F, s_h, s_w2e, s_w2d, s_y,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, SORTED: tl.constexpr):
+    def _down_kernel(h, w2, s2, rows, offs, y, R, K, D, F, s_h, s_w2e, s_w2d, s_s2e, s_s2d, s_y,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, SORTED: tl.constexpr,
+                     SCALED: tl.constexpr):
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < D
@@ -90,7 +101,11 @@ if triton is not None:
                 ha = tl.load(h + m[:, None] * s_h + f[None, :], mask=mm[:, None] & fm[None, :], other=0.0)
                 wd = tl.load(w2 + e * s_w2e + n[None, :] * s_w2d + f[:, None], mask=fm[:, None] & nm[None, :],
                              other=0.0)  # (BLOCK_F, BLOCK_N): W_downᵀ's block
-                acc = tl.dot(ha, wd, acc)
+                if SCALED:  # BLOCK_F divides 128
+                    sd = tl.load(s2 + e * s_s2e + (n // 128) * s_s2d + f0 // 128, mask=nm, other=0.0)
+                    acc += tl.dot(ha, wd.to(ha.dtype)) * sd[None, :]
+                else:
+                    acc = tl.dot(ha, wd, acc)
             tl.store(y + m[:, None] * s_y + n[None, :], acc.to(y.dtype.element_ty), mask=mm[:, None] & nm[None, :])
             start += BLOCK_M
 
@@ -113,25 +128,34 @@ def usable(x: torch.Tensor, rows: int, experts: int) -> bool:
 FEW = 16  # rows up to which the kernels take them unsorted (one chunk of BLOCK_M)
 
 
-def moe_ffn(x, gate_up_proj, down_proj, rows, w, top_k: int, offs=None):
+def moe_ffn(x, gate_up_proj, down_proj, rows, w, top_k: int, offs=None, scales=None):
     """x (N, D); gate_up_proj (E, 2F, D) (gate rows first); down_proj (E, D, F); w (N·K,) routing weights of the
     (token, expert) pairs (pair p = token p // top_k) -> (N·K, D) each pair's expert output, scaled by its weight.
     Either `rows` are the pairs sorted by expert, group ends `offs` (E,), and w and the output in that order; or,
     for at most FEW pairs and no `offs`, `rows` is each pair's expert, in pair order: each program picks its
-    expert's pairs out of them, and nothing needs sorting (at batch 1, that sort was 4 of a layer's kernels)."""
+    expert's pairs out of them, and nothing needs sorting (at batch 1, that sort was 4 of a layer's kernels).
+    `scales`: the two weights are e4m3 with these 128×128 block scales, (E, ceil(2F/128), ceil(D/128)) and
+    (E, ceil(D/128), ceil(F/128)) (FP8 weights at inference)."""
     if offs is None and rows.shape[0] > FEW:
         raise ValueError(f"unsorted rows: at most {FEW}, got {rows.shape[0]}")
-    return _moe_ffn(x, gate_up_proj, down_proj, rows, w, top_k, offs)
+    return _moe_ffn(x, gate_up_proj, down_proj, rows, w, top_k, offs, *(scales or (None, None)))
 
 
 # Opaque to torch.compile (the decode graph records it as one call), like dsv3::mla_decode.
 @torch.library.custom_op("dsv3::moe_ffn", mutates_args=())
 def _moe_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: torch.Tensor,
-             w: torch.Tensor, top_k: int, offs: torch.Tensor | None) -> torch.Tensor:
+             w: torch.Tensor, top_k: int, offs: torch.Tensor | None, gate_up_scale: torch.Tensor | None,
+             down_scale: torch.Tensor | None) -> torch.Tensor:
     E, F2, D = gate_up_proj.shape
     F, R = F2 // 2, rows.shape[0]
     x = x.contiguous()
-    w1, w2 = gate_up_proj.to(x.dtype).contiguous(), down_proj.to(x.dtype).contiguous()
+    scaled = gate_up_scale is not None
+    if scaled:
+        w1, w2 = gate_up_proj.contiguous(), down_proj.contiguous()
+        s1, s2 = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
+    else:
+        w1, w2 = gate_up_proj.to(x.dtype).contiguous(), down_proj.to(x.dtype).contiguous()
+        s1 = s2 = w1  # (unused)
     sorted_ = offs is not None
     rows, w = rows.contiguous(), w.contiguous()
     offs = offs.to(torch.int32).contiguous() if sorted_ else rows  # (unsorted: unused)
@@ -139,15 +163,17 @@ def _moe_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
     y = x.new_empty(R, D)
     size = "few" if R <= FEW else "many"
     up, down = GATE_UP[size], DOWN[size]
+    if scaled:  # one block scale per reduction step
+        up, down = dict(up, BLOCK_D=min(up["BLOCK_D"], 128)), dict(down, BLOCK_F=min(down["BLOCK_F"], 128))
     _gate_up_kernel[(E, triton.cdiv(F, up["BLOCK_F"]))](
-        x, w1, rows, offs, w, h, R, top_k, D, F, x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-        BLOCK_M=FEW, SORTED=sorted_, **up)  # tl.dot wants M >= 16; fewer rows are masked
+        x, w1, s1, rows, offs, w, h, R, top_k, D, F, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0),
+        s1.stride(1), h.stride(0), BLOCK_M=FEW, SORTED=sorted_, SCALED=scaled, **up)  # tl.dot: M >= 16, masked
     _down_kernel[(E, triton.cdiv(D, down["BLOCK_N"]))](
-        h, w2, rows, offs, y, R, top_k, D, F, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        BLOCK_M=FEW, SORTED=sorted_, **down)
+        h, w2, s2, rows, offs, y, R, top_k, D, F, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0),
+        s2.stride(1), y.stride(0), BLOCK_M=FEW, SORTED=sorted_, SCALED=scaled, **down)
     return y
 
 
 @_moe_ffn.register_fake
-def _(x, gate_up_proj, down_proj, rows, w, top_k, offs):
+def _(x, gate_up_proj, down_proj, rows, w, top_k, offs, gate_up_scale, down_scale):
     return x.new_empty(rows.shape[0], gate_up_proj.shape[2])

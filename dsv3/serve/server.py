@@ -28,6 +28,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0 or 1)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--fp8-weights", action="store_true", help="decoder linears in FP8 (e4m3, 128x128 block scales): half their memory")
 
 
 def run(args) -> None:
@@ -46,6 +47,9 @@ def run(args) -> None:
     default = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default
     model = load_model(ckpt, device=device, dtype=dtype)
+    if args.fp8_weights:
+        from dsv3.infer.fp8_weights import fp8_weights
+        fp8_weights(model)
     keys = args.api_key
     if args.api_keys_file:
         keys = [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]

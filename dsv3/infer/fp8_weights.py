@@ -1,0 +1,79 @@
+"""FP8 weights at inference: the decoder's linears held as DeepSeek's checkpoints store them (SPEC §7.1: e4m3 with
+one fp32 scale per 128×128 block), half the memory of bf16, and multiplied as they are (`fp8_weight_mm`: the
+activations stay bf16, fp32 accumulation; on a GPU a Triton kernel widens each weight tile as it loads it).
+
+The routed experts (the bulk of an MoE's weights) likewise: their stacked e4m3 weights go through the decode
+kernels of dsv3/kernels/moe_decode.py, which scale each 128-wide slice of a reduction by its block's scale; a step
+with more rows than those kernels take (a long prefill) dequantizes the layer's experts for that call.
+
+`fp8_weights(model)` converts a loaded model in place. Which weights: those DeepSeek stores in FP8 (attention
+projections, dense MLPs, shared and routed experts), except kv_b_proj, which absorbed attention folds into the
+query and the output as dense matrices (SPEC §4.4).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3.kernels.fp8 import fp8_weight_mm, quantize_blocks
+from dsv3.model.moe import Experts
+
+KEEP = ("kv_b_proj", "eh_proj")  # kv_b_proj: see the docstring; eh_proj is bf16 in DeepSeek's checkpoints too
+
+
+class Fp8WeightLinear(nn.Module):
+    """A bias-free linear whose weight is e4m3 with 128×128 block scales (`weight`, `weight_scale_inv`: the
+    checkpoint's names and layout). Inference only."""
+
+    bias = None
+
+    def __init__(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale_inv", weight_scale_inv)
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear, ue8m0: bool = False) -> Fp8WeightLinear:
+        if m.bias is not None:
+            raise ValueError("FP8 weights: a linear with a bias is not one DeepSeek stores in FP8")
+        return cls(*quantize_blocks(m.weight.detach(), ue8m0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_weight_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale_inv)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 128x128 blocks"
+
+
+class Fp8WeightExperts(Experts):
+    """Routed experts whose stacked weights are e4m3 with 128×128 block scales per expert. Inference only."""
+
+    def __init__(self, m: Experts, ue8m0: bool = False):
+        nn.Module.__init__(self)
+        for name in ("gate_up_proj", "down_proj"):
+            q, s = quantize_blocks(getattr(m, name).detach(), ue8m0)
+            self.register_buffer(name, q)
+            self.register_buffer(name + "_scale_inv", s)
+
+    def weight_scales(self):
+        return self.gate_up_proj_scale_inv, self.down_proj_scale_inv
+
+
+def fp8_weights(model: nn.Module, ue8m0: bool = False) -> dict:
+    """Replace the decoder layers' (and MTP blocks') linears and routed experts by their FP8 forms, in place ->
+    how many of each. Call it before the engine is built (its fused projections join only plain linears)."""
+    n = {"linears": 0, "experts": 0}
+    for root in ("layers", "mtp"):
+        for name, m in list(getattr(model, root, nn.Module()).named_modules()):
+            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP:
+                new, kind = Fp8WeightLinear.from_linear(m, ue8m0), "linears"
+            elif type(m) is Experts:
+                new, kind = Fp8WeightExperts(m, ue8m0), "experts"
+            else:
+                continue
+            parent, _, attr = f"{root}.{name}".rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+            n[kind] += 1
+    return n
