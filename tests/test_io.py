@@ -144,3 +144,51 @@ def test_missing_shard_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=shard.name):
         dsv3.load_model(tmp_path / "ck")
     shutil.rmtree(tmp_path / "ck")
+
+
+def test_fp8_checkpoint_loads_into_fp8_weights_as_stored(tmp_path):
+    # FP8 weights at inference straight from a checkpoint: each e4m3 tensor and scale grid of an FP8 checkpoint is
+    # in the model bit for bit (never dequantized; an expert's gate and up stacked as gate_up_proj, their scales
+    # too), kv_b_proj dense; a bf16 checkpoint quantizes as it loads exactly as converting after loading does.
+    from safetensors import safe_open
+    from dsv3.infer.fp8_weights import fp8_weights
+    from dsv3.io.hf import our_name
+    m = _tiny576()
+    dsv3.save_model(m, tmp_path / "fp8", fp8_blocks=True)
+    dsv3.save_model(m, tmp_path / "bf16")
+    got = dsv3.load_model(tmp_path / "fp8", fp8_weights=True)
+    sd, seen = got.state_dict(), 0
+    for shard in (tmp_path / "fp8").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.dtype != fp8.FP8 or "kv_b_proj" in name:
+                    continue
+                key, where = our_name(name, got.config)
+                q, s = sd[key], sd[key + "_scale_inv"]
+                if where is not None:  # expert e; gate rows [0, F), up rows [F, 2F): scale rows / 128
+                    q, s = q[where[0]], s[where[0]]
+                    if len(where) > 1:
+                        q, s = q[where[1]], s[where[1].start // 128: where[1].stop // 128]
+                assert torch.equal(q.view(torch.uint8), t.view(torch.uint8)), name
+                assert torch.equal(s, f.get_tensor(name + "_scale_inv")), name
+                seen += 1
+    assert seen >= 2 * (3 + 3 * 8)  # 2 layers: q_a, q_b, kv_a, o_proj, and MLP / shared + 8 experts' 3 each
+    assert got.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float32
+    loaded = dsv3.load_model(tmp_path / "bf16", fp8_weights=True).state_dict()
+    converted = dsv3.load_model(tmp_path / "bf16")
+    fp8_weights(converted)
+    assert loaded.keys() == converted.state_dict().keys()
+    for k, v in converted.state_dict().items():
+        assert torch.equal(loaded[k].view(torch.uint8) if v.dtype == fp8.FP8 else loaded[k],
+                           v.view(torch.uint8) if v.dtype == fp8.FP8 else v), k
+    # Experts 96 wide (not whole 128-row blocks): loaded in the model's dtype, then converted
+    odd = random_model(dsv3.preset("tiny").replace(vocab_size=256, num_hidden_layers=2, moe_intermediate_size=96))
+    dsv3.save_model(odd, tmp_path / "odd")
+    a = dsv3.load_model(tmp_path / "odd", fp8_weights=True)
+    b = dsv3.load_model(tmp_path / "odd")
+    fp8_weights(b)
+    assert a.layers[1].mlp.experts.gate_up_proj.dtype == fp8.FP8
+    assert all(torch.equal(x.view(torch.uint8) if x.dtype == fp8.FP8 else x,
+                           y.view(torch.uint8) if y.dtype == fp8.FP8 else y)
+               for x, y in zip(a.state_dict().values(), b.state_dict().values()))

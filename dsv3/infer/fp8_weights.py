@@ -6,7 +6,8 @@ The routed experts (the bulk of an MoE's weights) likewise: their stacked e4m3 w
 kernels of dsv3/kernels/moe_decode.py, which scale each 128-wide slice of a reduction by its block's scale; a step
 with more rows than those kernels take (a long prefill) dequantizes the layer's experts for that call.
 
-`fp8_weights(model)` converts a loaded model in place. Which weights: those DeepSeek stores in FP8 (attention
+`fp8_weights(model)` converts a loaded model in place; `load_model(path, fp8_weights=True)` builds the FP8 modules
+first and fills them from the checkpoint, an FP8 one's values as stored. Which weights: those DeepSeek stores in FP8 (attention
 projections, dense MLPs, shared and routed experts), except kv_b_proj, which absorbed attention folds into the
 query and the output as dense matrices (SPEC §4.4).
 """

@@ -24,19 +24,19 @@ class LLM:
                  device: str | None = None, dtype: torch.dtype | None = None, config: EngineConfig | None = None,
                  fp8_weights: bool = False):
         """A checkpoint directory (HF layout, with its tokenizer files) or a built model plus a tokenizer.
-        `fp8_weights`: the decoder's linears held and multiplied in FP8 (dsv3/infer/fp8_weights.py; a built model
-        is converted in place)."""
+        `fp8_weights`: the decoder's linears and routed experts held and multiplied in FP8
+        (dsv3/infer/fp8_weights.py; an FP8 checkpoint's values as they are, a built model converted in place)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("a Transformer instance needs its tokenizer (a directory or a Tokenizer)")
+            if fp8_weights:  # a built model: converted in place
+                from dsv3.infer.fp8_weights import fp8_weights as convert
+                convert(model)
         else:
             tokenizer = tokenizer or model
-            model = load_model(model, device=device,
+            model = load_model(model, device=device, fp8_weights=fp8_weights,
                                dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32))
-        if fp8_weights:
-            from dsv3.infer.fp8_weights import fp8_weights as convert
-            convert(model)
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_dir(tokenizer)
         self.engine = Engine(model, self.tokenizer, config)
 

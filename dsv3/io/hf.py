@@ -146,14 +146,50 @@ def read_tensor(handles: dict, wm: dict[str, Path], name: str) -> torch.Tensor:
     return t
 
 
+def _load_fp8(handles: dict, wm: dict[str, Path], name: str, params: dict, key: str, where, filled: dict,
+              mis_shaped: list) -> None:
+    """Checkpoint weight `name` into an FP8 module's e4m3 buffer `key` and its block scales (`key` + _scale_inv):
+    as the file stores them when it is FP8, quantized here when not. `where`: an expert's slice (its index, and for
+    gate / up their rows, which start on a 128-row block)."""
+    t = _read(handles, wm[name], name)
+    if t.dtype == fp8.FP8:
+        if name + "_scale_inv" not in wm:
+            raise ValueError(f"{wm[name]}: FP8 tensor {name} has no {name}_scale_inv")
+        s = _read(handles, wm[name + "_scale_inv"], name + "_scale_inv")
+    else:  # as fp8_weights() quantizes a loaded model
+        from dsv3.kernels.fp8 import quantize_blocks
+        t, s = quantize_blocks(t.to(params[key + "_scale_inv"].device))
+    skey = key + "_scale_inv"
+    q_dst, s_dst = params[key].data, params[skey].data
+    if where is not None:
+        q_dst, s_dst = q_dst[where[0]], s_dst[where[0]]
+        if len(where) > 1:
+            rows = where[1]
+            q_dst, s_dst = q_dst[rows], s_dst[rows.start // fp8.BLOCK: -(-rows.stop // fp8.BLOCK)]
+    if tuple(t.shape) != tuple(q_dst.shape) or tuple(s.shape) != tuple(s_dst.shape):
+        mis_shaped.append(f"{name}: checkpoint {tuple(t.shape)} with scales {tuple(s.shape)}, model "
+                          f"{tuple(q_dst.shape)} with scales {tuple(s_dst.shape)}")
+        filled[key], filled[skey] = params[key].numel(), params[skey].numel()
+        return
+    q_dst.copy_(t)
+    s_dst.copy_(s)
+    filled[key] = filled.get(key, 0) + t.numel()
+    filled[skey] = filled.get(skey, 0) + s.numel()
+
+
 def close(handles: dict) -> None:
     for h in handles.values():
         h.__exit__(None, None, None)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               config: ModelConfig | None = None) -> Transformer:
-    """A directory of config.json + (sharded) safetensors in the Hugging Face layout -> Transformer in eval mode."""
+               config: ModelConfig | None = None, fp8_weights: bool = False) -> Transformer:
+    """A directory of config.json + (sharded) safetensors in the Hugging Face layout -> Transformer in eval mode.
+
+    `fp8_weights`: the decoder's linears and routed experts held in FP8 for inference (dsv3/infer/fp8_weights.py),
+    an FP8 checkpoint's e4m3 values and scales taken as they are (a bf16 one's quantized as they load), so the
+    model never exists in bf16. (Routed experts whose width is not a multiple of 128 cannot stack their gate and
+    up blocks: such a model loads in `dtype` and is converted after.)"""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
@@ -165,7 +201,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         warnings.warn(f"{path}: config asks for {cfg.num_nextn_predict_layers} MTP module(s) but the checkpoint "
                       "has no MTP weights; MTP is off", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    model = _materialize(build_model(cfg, "meta", dtype), device)
+    model = build_model(cfg, "meta", dtype)
+    if fp8_weights:
+        from dsv3.infer.fp8_weights import fp8_weights as to_fp8
+        if cfg.moe_intermediate_size % fp8.BLOCK:
+            model = load_model(path, device, dtype, cfg)
+            to_fp8(model)
+            return model
+        to_fp8(model)  # on the meta device: FP8 modules whose buffers the loop below fills
+    model = _materialize(model, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     filled: dict[str, int] = {}  # our key -> elements written (stacked experts are filled in slices)
     unexpected, mis_shaped, handles = [], [], {}
@@ -177,6 +221,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             if target is None:
                 continue
             key, where = target
+            if key in params and params[key].dtype == fp8.FP8:
+                _load_fp8(handles, wm, name, params, key, where, filled, mis_shaped)
+                continue
             t = read_tensor(handles, wm, name)
             if key not in params:
                 # transformers writes zero-size shared experts when n_shared_experts is 0: ignore only those.

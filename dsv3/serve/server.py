@@ -46,10 +46,7 @@ def run(args) -> None:
     ckpt = Path(args.checkpoint)
     default = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default
-    model = load_model(ckpt, device=device, dtype=dtype)
-    if args.fp8_weights:
-        from dsv3.infer.fp8_weights import fp8_weights
-        fp8_weights(model)
+    model = load_model(ckpt, device=device, dtype=dtype, fp8_weights=args.fp8_weights)
     keys = args.api_key
     if args.api_keys_file:
         keys = [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]
