@@ -3,8 +3,8 @@ one fp32 scale per 128×128 block), half the memory of bf16, and multiplied as t
 activations stay bf16, fp32 accumulation; on a GPU a Triton kernel widens each weight tile as it loads it).
 
 The routed experts (the bulk of an MoE's weights) likewise: their stacked e4m3 weights go through the decode
-kernels of dsv3/kernels/moe_decode.py, which scale each 128-wide slice of a reduction by its block's scale; a step
-with more rows than those kernels take (a long prefill) dequantizes the layer's experts for that call.
+kernels of dsv3/kernels/moe_decode.py, which scale each 128-wide slice of a reduction by its block's scale, at any
+row count (a dequantized copy of a layer's experts would not fit for DeepSeek-V3); a CPU dequantizes per call.
 
 `fp8_weights(model)` converts a loaded model in place; `load_model(path, fp8_weights=True)` builds the FP8 modules
 first and fills them from the checkpoint, an FP8 one's values as stored. Which weights: those DeepSeek stores in FP8 (attention

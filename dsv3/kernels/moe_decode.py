@@ -119,10 +119,11 @@ DOWN = {"few": dict(BLOCK_N=32, BLOCK_F=64, num_warps=2, num_stages=4),
         "many": dict(BLOCK_N=32, BLOCK_F=128, num_warps=2, num_stages=2)}
 
 
-def usable(x: torch.Tensor, rows: int, experts: int) -> bool:
+def usable(x: torch.Tensor, rows: int, experts: int, fp8: bool = False) -> bool:
     """These kernels serve (rather than the grouped GEMM) inference steps whose experts have 8 rows or fewer on
-    average: every program reads its block of weights once per 16 of its expert's rows."""
-    return _use_triton(x) and not torch.is_grad_enabled() and rows <= 8 * experts
+    average: every program reads its block of weights once per 16 of its expert's rows. With FP8 weights, steps of
+    any size: the alternative, a dequantized copy of a layer's experts, would not even fit for DeepSeek-V3."""
+    return _use_triton(x) and not torch.is_grad_enabled() and (fp8 or rows <= 8 * experts)
 
 
 FEW = 16  # rows up to which the kernels take them unsorted (one chunk of BLOCK_M)

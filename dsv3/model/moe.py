@@ -128,8 +128,8 @@ class Experts(nn.Module):
         w1, w2, scales = self.gate_up_proj, self.down_proj, self.weight_scales()
         E = w1.shape[0]
         flat = idx_NK.flatten()  # (N·K,)
-        triton_ffn = moe_decode.usable(x_ND, flat.numel(), E)
-        if scales is not None and not triton_ffn:  # e4m3 weights off the decode kernels: dequantized for this call
+        triton_ffn = moe_decode.usable(x_ND, flat.numel(), E, fp8=scales is not None)
+        if scales is not None and not triton_ffn:  # e4m3 weights without the kernels (a CPU): dequantized per call
             from dsv3.io.fp8 import dequantize_blocks
             w1, w2 = (dequantize_blocks(w, s).to(x_ND.dtype) for w, s in zip((w1, w2), scales))
         # One token (decode at batch 1): the kernels pick each expert's rows out of `flat`, no sort. (On N alone:
