@@ -181,7 +181,7 @@ class Engine:
             for runner in (self._decode, self._decode_mtp):
                 if runner is not None:
                     runner.capture_all()
-        longest = min(self.config.max_batched_tokens, self.max_len - 3)
+        longest = min(self.config.max_batched_tokens, self.max_len, self.pool.num_blocks * self.config.block_size) - 3
         sizes = [7] + [n for n in (2 ** i for i in range(4, 16)) if n < longest] + [longest]
         params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         self.absorbed_max_query, short = ABSORBED_MAX_QUERY, self.absorbed_max_query  # the prefill path

@@ -7,9 +7,9 @@ kernels of dsv3/kernels/moe_decode.py, which scale each 128-wide slice of a redu
 row count (a dequantized copy of a layer's experts would not fit for DeepSeek-V3); a CPU dequantizes per call.
 
 `fp8_weights(model)` converts a loaded model in place; `load_model(path, fp8_weights=True)` builds the FP8 modules
-first and fills them from the checkpoint, an FP8 one's values as stored. Which weights: those DeepSeek stores in FP8 (attention
-projections, dense MLPs, shared and routed experts), except kv_b_proj, which absorbed attention folds into the
-query and the output as dense matrices (SPEC §4.4).
+first and fills them from the checkpoint, an FP8 one's values as stored. Which weights: those DeepSeek stores in
+FP8 (attention projections, dense MLPs, shared and routed experts), except kv_b_proj, which absorbed attention
+folds into the query and the output as dense matrices (SPEC §4.4).
 """
 from __future__ import annotations
 
