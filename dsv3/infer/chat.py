@@ -20,7 +20,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (Hugging Face layout with tokenizer files)")
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--fp8-weights", action="store_true", help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: also far slower)")
+    p.add_argument("--fp8-weights", action="store_true",
+                   help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: far slower)")
     add_sampling_args(p)
 
 

@@ -38,7 +38,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--fim-prefix", help="fill in the middle: the code before the hole (with --fim-suffix)")
     p.add_argument("--fim-suffix", default="", help="fill in the middle: the code after the hole")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--fp8-weights", action="store_true", help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: also far slower)")
+    p.add_argument("--fp8-weights", action="store_true",
+                   help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: far slower)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_sampling_args(p)
 

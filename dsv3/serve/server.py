@@ -28,7 +28,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0 or 1)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
-    p.add_argument("--fp8-weights", action="store_true", help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: also far slower)")
+    p.add_argument("--fp8-weights", action="store_true",
+                   help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: far slower)")
 
 
 def run(args) -> None:
