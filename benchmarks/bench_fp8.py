@@ -114,11 +114,13 @@ def gemm(args) -> dict:
         print(f"{r['M']:>6} {r['K']:>6} {r['N']:>6}" + "".join(
             f"{r[g]['bf16_tflops']:>10.0f}{r[g]['fp8_tflops']:>6.0f}{r[g]['fp8_with_quant_tflops']:>6.0f} "
             f"{r[g]['speedup_with_quant']:>3.2f}" for g in ("fprop", "dgrad", "wgrad")))
-    print(f"\n{'experts':>22} {'bf16':>8} {'fp8':>8} {'x':>6} {'wgrad bf16':>11} {'fp8':>8} {'x':>6} {'err':>8}")
+    print(f"\n{'experts':>22} {'bf16':>8} {'fp8':>8} {'x':>6} {'wgrad bf16':>11} {'fp8':>8} {'x':>6} {'err':>8}"
+          f" {'cuBLAS x':>9} {'wgrad x':>8}")
     for r in out["grouped"]:
         print(f"{r['name']:>22} {r['bf16_tflops']:>8.0f} {r.get('fp8_tflops', 0):>8.0f} {r.get('speedup', 0):>6.2f} "
               f"{r['wgrad_bf16_tflops']:>11.0f} {r.get('wgrad_fp8_tflops', 0):>8.0f} "
-              f"{r.get('wgrad_speedup', 0):>6.2f} {r.get('err', float('nan')):>8.1e}")
+              f"{r.get('wgrad_speedup', 0):>6.2f} {r.get('err', float('nan')):>8.1e}"
+              f" {r.get('cublas_speedup', 0):>9.2f} {r.get('cublas_wgrad_speedup', 0):>8.2f}")
     print({k: v for k, v in out.items() if k.startswith("quantize")})
     return out
 
@@ -150,13 +152,19 @@ def grouped(args) -> list[dict]:
             rec["err"] = ((y - ref).norm() / ref.norm()).item()
             # Block shapes, warps and stages: the best of a few (the kernels' defaults are the first).
             fwd = {c: bench(lambda: grouped_fp8_mm(xq, xs, wq, ws, offs, block_m=c[0], block_n=c[1],
-                                                    num_warps=c[2], num_stages=c[3]), reps=5)
+                                                    num_warps=c[2], num_stages=c[3], backend="triton"), reps=5)
                    for c in [(128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4)]}
             gq, gs, gtq, gts = quantize_rows(dy, both=True)
             _, _, xtq, xts = quantize_rows(x, both=True)
             wg = {c: bench(lambda: grouped_fp8_mm_wgrad(gtq, gts, xtq, xts, offs, block_n=c[0], block_k=c[1],
-                                                        num_warps=c[2], num_stages=c[3]), reps=5)
+                                                        num_warps=c[2], num_stages=c[3], backend="triton"), reps=5)
                   for c in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]}
+            # The per-expert cuBLAS path (one block-scaled GEMM per expert, after a host sync for the group ends)
+            t_cb = bench(lambda: grouped_fp8_mm(xq, xs, wq, ws, offs, backend="cublas"), reps=5)
+            t_cb_wg = bench(lambda: grouped_fp8_mm_wgrad(gtq, gts, xtq, xts, offs, backend="cublas"), reps=5)
+            y_cb = grouped_fp8_mm(xq, xs, wq, ws, offs, torch.float32, backend="cublas")
+            rec.update(cublas_speedup=t_bf16 / t_cb, cublas_wgrad_speedup=t_wg_bf16 / t_cb_wg,
+                       cublas_err=((y_cb - ref).norm() / ref.norm()).item())
             (cf, t), (cw, t_wg) = min(fwd.items(), key=lambda kv: kv[1]), min(wg.items(), key=lambda kv: kv[1])
             rec.update(fp8_tflops=flop / t / 1e9, speedup=t_bf16 / t, wgrad_fp8_tflops=flop / t_wg / 1e9,
                        wgrad_speedup=t_wg_bf16 / t_wg, best_fwd_config=cf, best_wgrad_config=cw,

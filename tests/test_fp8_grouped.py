@@ -153,3 +153,19 @@ def test_cpu_without_interpreter_runs_the_references(monkeypatch):
     assert out.dtype == torch.bfloat16 and torch.equal(out, grouped_fp8_mm_reference(*fwd_args(c)))
     wgrad = grouped_fp8_mm_wgrad(*wgrad_args(c))
     assert wgrad.dtype == torch.float32 and torch.equal(wgrad, grouped_fp8_mm_wgrad_reference(*wgrad_args(c)))
+
+
+@pytest.mark.parametrize("sizes", [[0, 128, 77, 256, 0], [300]])
+def test_per_expert_gemms_match_float64_dequantize_einsum(sizes):
+    # The per-expert path (one fp8_mm per group: cuBLAS's block-scaled GEMM on Hopper, its exact emulation here),
+    # which large groups take on a GPU (CUBLAS_ROWS); backend="cublas" picks it anywhere.
+    c = make_case(sizes, N=256, K=384, tail=40, seed=3, zero_pad=True)
+    A, W = _dequant_full(c.a_q, c.a_s, [1]), _dequant_full(c.b_q, c.b_s, [1, 2])
+    G, X = _dequant_full(c.g_q, c.g_s, [1]), _dequant_full(c.x_q, c.x_s, [1])
+    out = grouped_fp8_mm(*fwd_args(c), torch.float32, backend="cublas")
+    wgrad = grouped_fp8_mm_wgrad(*wgrad_args(c), backend="cublas")
+    for e, (s, n) in enumerate(zip(c.starts, sizes)):
+        rows = slice(s, s + n)
+        assert n == 0 or rel_err(out[rows], torch.einsum("rk,nk->rn", A[rows], W[e])) <= 1e-6
+        want = torch.einsum("nr,kr->nk", G[:, rows], X[:, rows])
+        assert torch.equal(wgrad[e], torch.zeros_like(wgrad[e])) if n == 0 else rel_err(wgrad[e], want) <= 1e-6

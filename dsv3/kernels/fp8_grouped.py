@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 # BLOCK: the scales', so the K step
-from dsv3.kernels.fp8 import BLOCK, _interpret, _use_triton, dequantize_blocks, dequantize_rows
+from dsv3.kernels.fp8 import BLOCK, _interpret, _use_triton, dequantize_blocks, dequantize_rows, fp8_mm
 
 try:
     import triton
@@ -159,11 +159,57 @@ def _check_block(name: str, value: int, largest: int) -> None:
         raise ValueError(f"{name}={value} must be a power of two in [16, {largest}]")
 
 
+# From this many rows per expert on average (on Hopper), each expert's GEMMs go to cuBLAS's block-scaled GEMM, one
+# call per expert after a host sync for the group ends, instead of the grouped Triton kernels. At v3-slice's ~4,096
+# rows per expert these are dense shapes where cuBLAS ran 1.2-1.5x bf16 (bench_fp8_gemm.json) and the Triton
+# kernels 0.43-0.89x of bf16's grouped GEMM. `backend=` picks either explicitly ("triton", "cublas").
+CUBLAS_ROWS = 1024
+
+
+def _cublas_ends(t: torch.Tensor, rows: int, offs: torch.Tensor, backend: str) -> list[int] | None:
+    """The group ends on the host when the per-expert cuBLAS path serves this call (`rows`: the buffer's, an upper
+    bound of the groups' total, which spares a sync when it is already too small), else None."""
+    if backend == "triton" or (backend == "auto" and (
+            not t.is_cuda or torch.cuda.get_device_capability(t.device) < (9, 0)
+            or rows < CUBLAS_ROWS * offs.shape[0])):
+        return None
+    ends = offs.tolist()
+    return ends if backend == "cublas" or ends[-1] >= CUBLAS_ROWS * len(ends) else None
+
+
+def _per_expert_mm(a_q, a_s, b_q, b_s, ends: list[int], out_dtype):
+    """grouped_fp8_mm as one fp8_mm per non-empty group (rows past the last group left undefined)."""
+    out = torch.empty(a_q.shape[0], b_q.shape[1], dtype=out_dtype, device=a_q.device)
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            out[start:end] = fp8_mm(a_q[start:end], a_s[start:end], b_q[e], b_s[e], True, out_dtype)
+        start = end
+    return out
+
+
+def _per_expert_wgrad(g_q, g_s, x_q, x_s, ends: list[int], out_dtype):
+    """grouped_fp8_mm_wgrad as one fp8_mm per group: each group's columns of G and X (contiguous copies, as the
+    GEMM reads its operands K-major) and their 1×128 scales along the rows."""
+    out = torch.zeros(len(ends), g_q.shape[0], x_q.shape[0], dtype=out_dtype, device=g_q.device)
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            cols = slice(start // BLOCK, end // BLOCK)
+            out[e] = fp8_mm(g_q[:, start:end].contiguous(), g_s[:, cols], x_q[:, start:end].contiguous(),
+                            x_s[:, cols], False, out_dtype)
+        start = end
+    return out
+
+
 def grouped_fp8_mm(a_q, a_s, b_q, b_s, offs, out_dtype=torch.bfloat16, *, block_m: int = 128, block_n: int = 128,
-                   num_warps: int = 8, num_stages: int = 3):
+                   num_warps: int = 8, num_stages: int = 3, backend: str = "auto"):
     """(R, N) in out_dtype: rows of group e = A_e · B_e^T; see the module docstring for layouts and `offs`.
 
-    block_m and block_n must divide 128 (a tile's rows in one group, a B tile in one 128×128 scale block)."""
+    block_m and block_n must divide 128 (a tile's rows in one group, a B tile in one 128×128 scale block).
+    `backend`: "auto" (the per-expert cuBLAS GEMMs for large groups, see CUBLAS_ROWS), "triton" or "cublas"."""
+    if (ends := _cublas_ends(a_q, a_q.shape[0], offs, backend)) is not None:
+        return _per_expert_mm(a_q, a_s, b_q, b_s, ends, out_dtype)
     if not _use_triton(a_q):
         return grouped_fp8_mm_reference(a_q, a_s, b_q, b_s, offs, out_dtype)
     _check_block("block_m", block_m, 128)
@@ -172,8 +218,10 @@ def grouped_fp8_mm(a_q, a_s, b_q, b_s, offs, out_dtype=torch.bfloat16, *, block_
 
 
 def grouped_fp8_mm_wgrad(g_q, g_s, x_q, x_s, offs, out_dtype=torch.float32, *, block_n: int = 128,
-                         block_k: int = 128, num_warps: int = 8, num_stages: int = 3):
+                         block_k: int = 128, num_warps: int = 8, num_stages: int = 3, backend: str = "auto"):
     """(E, N, K) in out_dtype: out[e] = G_e · X_e^T over group e's rows; see the module docstring."""
+    if (ends := _cublas_ends(g_q, g_q.shape[1], offs, backend)) is not None:
+        return _per_expert_wgrad(g_q, g_s, x_q, x_s, ends, out_dtype)
     if not _use_triton(g_q):
         return grouped_fp8_mm_wgrad_reference(g_q, g_s, x_q, x_s, offs, out_dtype)
     _check_block("block_n", block_n, 256)

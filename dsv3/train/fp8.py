@@ -14,7 +14,8 @@ do not change, so an FP8 run saves, resumes and exports like any other.
 
 Routed experts: rows are dispatched to a buffer where every expert's rows start at a multiple of 128 (zero
 rows pad each group), so no 1×128 tile straddles two experts along the token dim, and the grouped GEMMs of
-`dsv3.kernels.fp8_grouped` run without a host sync (the buffer has a static upper-bound size).
+`dsv3.kernels.fp8_grouped` run without a host sync (the buffer has a static upper-bound size); groups of
+CUBLAS_ROWS rows or more on average go to cuBLAS per expert instead, after one sync for the group ends.
 """
 from __future__ import annotations
 
