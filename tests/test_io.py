@@ -175,6 +175,8 @@ def test_fp8_checkpoint_loads_into_fp8_weights_as_stored(tmp_path):
                 seen += 1
     assert seen >= 2 * (3 + 3 * 8)  # 2 layers: q_a, q_b, kv_a, o_proj, and MLP / shared + 8 experts' 3 each
     assert got.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="FP8 inference weights"):  # not a checkpoint layout: refused, by name
+        dsv3.save_model(got, tmp_path / "again")
     loaded = dsv3.load_model(tmp_path / "bf16", fp8_weights=True).state_dict()
     converted = dsv3.load_model(tmp_path / "bf16")
     fp8_weights(converted)

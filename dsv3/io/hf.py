@@ -303,6 +303,9 @@ def export_tensors(named, dtype: torch.dtype, fp8_blocks: bool, ue8m0: bool):
 def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None = None, fp8_blocks: bool = False,
                ue8m0: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write config.json + sharded safetensors + index, atomically (temp dir, then rename)."""
+    if any(b.dtype == fp8.FP8 for b in model.buffers()):
+        raise ValueError("save_model: this model holds FP8 inference weights (fp8_weights); save the model it was "
+                         "made from (fp8_blocks=True writes DeepSeek's FP8 format), or convert with `dsv3 convert`")
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
     if fp8_blocks:
