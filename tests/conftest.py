@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,3 +43,13 @@ def random_model(cfg, seed: int = 0, std: float = 0.1):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run_fresh(code: str, interpret: bool = True, timeout: int = 600) -> None:
+    """Run `code` in a fresh Python (Triton reads TRITON_INTERPRET when it is imported), with TRITON_INTERPRET=1 or
+    without it; the script must succeed and print a last line ending in "ok"."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -1,14 +1,12 @@
 """FP8 training (SPEC §7.4) on the CPU: quantization error bounds, the three GEMMs of an FP8 linear and of the FP8
 experts against float64 references, the Triton quantize kernels in Triton's interpreter, and apply_fp8 on a
 model that then trains."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_fresh
 
 from dsv3.config import preset
 from dsv3.kernels.fp8 import (FP8, dequantize_blocks, dequantize_rows, quantize_blocks, quantize_rows,
@@ -215,9 +213,7 @@ QUANT_KERNEL = textwrap.dedent("""
 
 def test_triton_quantize_kernel_matches_torch_reference():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", QUANT_KERNEL], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    run_fresh(QUANT_KERNEL)
 
 
 # FP8 weights at inference (dsv3/infer/fp8_weights.py): the weight-only GEMM's Triton kernel against float64 on
@@ -242,6 +238,4 @@ W8_KERNEL = textwrap.dedent("""
 
 def test_fp8_weight_mm_kernel_matches_dequantized_float64():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", W8_KERNEL], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    run_fresh(W8_KERNEL)

@@ -4,12 +4,11 @@ which imports this file and calls a `check_*` function), and the references agai
 out independently (full dequantization, then one einsum per expert over its real rows)."""
 import importlib.util
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_fresh
 
 from dsv3.kernels.fp8_grouped import (_use_triton, grouped_fp8_mm, grouped_fp8_mm_reference, grouped_fp8_mm_wgrad,
                                       grouped_fp8_mm_wgrad_reference)
@@ -100,10 +99,7 @@ def check_wgrad_kernel():
 
 def _run_interpreted(check: str):
     code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_fp8_grouped as t; t.{check}()"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", code + "; print('ok')"], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    run_fresh(code + "; print('ok')", timeout=300)
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is a dev dependency")

@@ -1,12 +1,10 @@
 """Triton kernels against their torch references, run by Triton's interpreter on the CPU (TRITON_INTERPRET=1 must
 be set before triton is imported, so each check runs in a fresh interpreter). The interpreter computes through
 numpy, which has no bfloat16: fp16 stands in for the 16-bit case here; bf16 runs on the GPU."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_fresh
 
 pytest.importorskip("triton", reason="triton is a dev dependency on Linux")
 
@@ -43,9 +41,7 @@ MLA_DECODE = textwrap.dedent("""
 
 
 def test_mla_decode_triton_kernel_matches_torch_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", MLA_DECODE], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    run_fresh(MLA_DECODE)
 
 
 MOE_DECODE = textwrap.dedent("""
@@ -120,9 +116,7 @@ MOE_DECODE = textwrap.dedent("""
 
 
 def test_moe_decode_triton_kernels_match_per_expert_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", MOE_DECODE], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    run_fresh(MOE_DECODE)
 
 
 # Every launch of our Triton kernels at the settings the code uses, compiled (not run) for an H100 by Triton's own
@@ -193,6 +187,4 @@ HOPPER = textwrap.dedent("""
 
 
 def test_triton_kernels_compile_for_hopper():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", HOPPER], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    run_fresh(HOPPER, interpret=False, timeout=900)

@@ -139,11 +139,15 @@ def read_tensor(handles: dict, wm: dict[str, Path], name: str) -> torch.Tensor:
     """One checkpoint tensor; FP8 weights come back dequantized to fp32 with their `_scale_inv` blocks."""
     t = _read(handles, wm[name], name)
     if t.dtype == fp8.FP8:
-        scale_name = name + "_scale_inv"
-        if scale_name not in wm:
-            raise ValueError(f"{wm[name]}: FP8 tensor {name} has no {scale_name}")
-        t = fp8.dequantize(t, _read(handles, wm[scale_name], scale_name), torch.float32, name)
+        t = fp8.dequantize(t, _scale_inv(handles, wm, name), torch.float32, name)
     return t
+
+
+def _scale_inv(handles: dict, wm: dict[str, Path], name: str) -> torch.Tensor:
+    """The 128×128 block scales stored beside FP8 weight `name`."""
+    if name + "_scale_inv" not in wm:
+        raise ValueError(f"{wm[name]}: FP8 tensor {name} has no {name}_scale_inv")
+    return _read(handles, wm[name + "_scale_inv"], name + "_scale_inv")
 
 
 def _load_fp8(handles: dict, wm: dict[str, Path], name: str, params: dict, key: str, where, filled: dict,
@@ -151,16 +155,14 @@ def _load_fp8(handles: dict, wm: dict[str, Path], name: str, params: dict, key: 
     """Checkpoint weight `name` into an FP8 module's e4m3 buffer `key` and its block scales (`key` + _scale_inv):
     as the file stores them when it is FP8, quantized here when not. `where`: an expert's slice (its index, and for
     gate / up their rows, which start on a 128-row block)."""
-    t = _read(handles, wm[name], name)
-    if t.dtype == fp8.FP8:
-        if name + "_scale_inv" not in wm:
-            raise ValueError(f"{wm[name]}: FP8 tensor {name} has no {name}_scale_inv")
-        s = _read(handles, wm[name + "_scale_inv"], name + "_scale_inv")
-    else:  # as fp8_weights() quantizes a loaded model
-        from dsv3.kernels.fp8 import quantize_blocks
-        t, s = quantize_blocks(t.to(params[key + "_scale_inv"].device))
     skey = key + "_scale_inv"
     q_dst, s_dst = params[key].data, params[skey].data
+    t = _read(handles, wm[name], name)
+    if t.dtype == fp8.FP8:
+        s = _scale_inv(handles, wm, name)
+    else:  # as fp8_weights() quantizes a loaded model
+        from dsv3.kernels.fp8 import quantize_blocks
+        t, s = quantize_blocks(t.to(q_dst.device))
     if where is not None:
         q_dst, s_dst = q_dst[where[0]], s_dst[where[0]]
         if len(where) > 1:

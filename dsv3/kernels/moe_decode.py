@@ -50,6 +50,16 @@ if triton is not None:
         return mm, tok
 
     @triton.jit
+    def _mac(acc, a, w, s_ptr, s_mask, SCALED: tl.constexpr):
+        """acc + a · w; with SCALED, w is e4m3 (widened to a's dtype) and the product takes the per-column block
+        scales at s_ptr (one 128-wide slice of the reduction: the caller's step divides 128)."""
+        if SCALED:
+            acc += tl.dot(a, w.to(a.dtype)) * tl.load(s_ptr, mask=s_mask, other=0.0)[None, :]
+        else:
+            acc = tl.dot(a, w, acc)
+        return acc
+
+    @triton.jit
     def _gate_up_kernel(x, w1, s1, rows, offs, rw, h, R, K, D, F, s_x, s_w1e, s_w1f, s_s1e, s_s1f, s_h,
                         BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, SORTED: tl.constexpr,
                         SCALED: tl.constexpr):
@@ -70,14 +80,9 @@ if triton is not None:
                 wmask = dm[:, None] & fm[None, :]
                 g = tl.load(wg + d[:, None], mask=wmask, other=0.0)  # (BLOCK_D, BLOCK_F): W_gateᵀ's block
                 u = tl.load(wg + F * s_w1f + d[:, None], mask=wmask, other=0.0)
-                if SCALED:  # e4m3 weights, one scale per 128×128 block: BLOCK_D divides 128
-                    sg = tl.load(s1 + e * s_s1e + (f // 128) * s_s1f + d0 // 128, mask=fm, other=0.0)
-                    su = tl.load(s1 + e * s_s1e + ((F + f) // 128) * s_s1f + d0 // 128, mask=fm, other=0.0)
-                    acc_g += tl.dot(xa, g.to(xa.dtype)) * sg[None, :]
-                    acc_u += tl.dot(xa, u.to(xa.dtype)) * su[None, :]
-                else:
-                    acc_g = tl.dot(xa, g, acc_g)
-                    acc_u = tl.dot(xa, u, acc_u)
+                sb = s1 + e * s_s1e + d0 // 128  # SCALED: each row block's scale for this 128-wide slice
+                acc_g = _mac(acc_g, xa, g, sb + (f // 128) * s_s1f, fm, SCALED)
+                acc_u = _mac(acc_u, xa, u, sb + ((F + f) // 128) * s_s1f, fm, SCALED)
             r = tl.load(rw + m, mask=mm, other=0.0).to(tl.float32)
             out = acc_g * tl.sigmoid(acc_g) * acc_u * r[:, None]
             tl.store(h + m[:, None] * s_h + f[None, :], out.to(h.dtype.element_ty), mask=mm[:, None] & fm[None, :])
@@ -101,11 +106,7 @@ if triton is not None:
                 ha = tl.load(h + m[:, None] * s_h + f[None, :], mask=mm[:, None] & fm[None, :], other=0.0)
                 wd = tl.load(w2 + e * s_w2e + n[None, :] * s_w2d + f[:, None], mask=fm[:, None] & nm[None, :],
                              other=0.0)  # (BLOCK_F, BLOCK_N): W_downᵀ's block
-                if SCALED:  # BLOCK_F divides 128
-                    sd = tl.load(s2 + e * s_s2e + (n // 128) * s_s2d + f0 // 128, mask=nm, other=0.0)
-                    acc += tl.dot(ha, wd.to(ha.dtype)) * sd[None, :]
-                else:
-                    acc = tl.dot(ha, wd, acc)
+                acc = _mac(acc, ha, wd, s2 + e * s_s2e + (n // 128) * s_s2d + f0 // 128, nm, SCALED)
             tl.store(y + m[:, None] * s_y + n[None, :], acc.to(y.dtype.element_ty), mask=mm[:, None] & nm[None, :])
             start += BLOCK_M
 
