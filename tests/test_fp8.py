@@ -203,10 +203,11 @@ QUANT_KERNEL = textwrap.dedent("""
             assert got.dtype == want.dtype and torch.equal(got.float(), want.float())
         w = torch.randn(2, M, K, generator=g) * 0.02
         w[1, -1, -1] = 3.0
-        q, s, qt = fp8.quantize_blocks(w, ue8m0, transposed=True)
-        q_ref, s_ref = fp8.quantize_blocks_reference(w, ue8m0)
-        assert torch.equal(q.float(), q_ref.float()) and torch.equal(s, s_ref), (M, K, ue8m0)
-        assert torch.equal(qt.float(), q_ref.transpose(1, 2).float())
+        for w in (w, w.bfloat16()):  # fp32 master weights (qᵀ by torch) and bf16 ones (qᵀ stored by the kernel)
+            q, s, qt = fp8.quantize_blocks(w, ue8m0, transposed=True)
+            q_ref, s_ref = fp8.quantize_blocks_reference(w, ue8m0)
+            assert torch.equal(q.float(), q_ref.float()) and torch.equal(s, s_ref), (M, K, ue8m0, w.dtype)
+            assert torch.equal(qt.float(), q_ref.transpose(1, 2).float())
     print("ok")
 """)
 

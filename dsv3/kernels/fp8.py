@@ -248,11 +248,16 @@ def _quantize_blocks_launch(w: torch.Tensor, ue8m0: bool, transposed: bool) -> l
     E = w.numel() // (N * K) if w.numel() else 0
     nnb, nkb = -(-N // BLOCK), -(-K // BLOCK)
     q = torch.empty(w.shape, dtype=_store_dtype(), device=w.device)
-    qt = torch.empty(*lead, K, N, dtype=q.dtype, device=w.device) if transposed else q
+    # The kernel's transposed store is wrong for fp32 input on an H100 (Triton 3.6: many bytes of qᵀ differ from
+    # q's, some NaN; bf16 input is bit-exact), so fp32 weights (fp32 master weights) get qᵀ from torch.
+    in_kernel = transposed and w.element_size() == 2
+    qt = torch.empty(*lead, K, N, dtype=q.dtype, device=w.device) if in_kernel else q
     s = torch.empty(*lead, nnb, nkb, device=w.device)
     if E:
-        _quant_blocks_kernel[(nnb, nkb, E)](w, q, qt, s, N, K, nnb, nkb, TRANS=transposed, UE8M0=ue8m0,
+        _quant_blocks_kernel[(nnb, nkb, E)](w, q, qt, s, N, K, nnb, nkb, TRANS=in_kernel, UE8M0=ue8m0,
                                             GPU=not _interpret(), num_warps=8)
+    if transposed and not in_kernel:
+        qt = q.transpose(-1, -2).contiguous()
     return [q, s, qt] if transposed else [q, s]
 
 
