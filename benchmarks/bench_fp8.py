@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv3.kernels.fp8 import (dequantize_blocks, dequantize_rows, fp8_mm, quantize_blocks,  # noqa: E402
-                              quantize_rows, quantize_rows_reference)
+                              quantize_blocks_reference, quantize_rows, quantize_rows_reference)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,18 +46,29 @@ def bench(fn, warmup=5, reps=15, inner=10) -> float:
     return statistics.median(times)
 
 
+def quantize_exact(dev="cuda") -> dict:
+    """The quantize kernels bit for bit against the torch references on the GPU, per input dtype: activations
+    (rows and xᵀ) and weights (blocks and qᵀ; fp32 master weights and bf16 ones take different paths)."""
+    out, u8 = {}, lambda t: t.view(torch.uint8)
+    x = torch.randn(4096, 7168 + 64, device=dev) * torch.logspace(-3, 3, 7168 + 64, device=dev)
+    w = torch.randn(4, 1024 + 64, 2048 + 64, device=dev) * torch.logspace(-2, 2, 2048 + 64, device=dev)
+    for ue8m0 in (False, True):
+        for dt in (torch.float32, torch.bfloat16):
+            q, s, qt, st = quantize_rows(x.to(dt), ue8m0, both=True)
+            rq, rs = quantize_rows_reference(x.to(dt), ue8m0)
+            rqt, rst = quantize_rows_reference(x.to(dt).t(), ue8m0)
+            out[f"rows_{dt}_ue8m0={ue8m0}"] = bool(torch.equal(u8(q), u8(rq)) and torch.equal(s, rs)
+                                                   and torch.equal(u8(qt), u8(rqt)) and torch.equal(st, rst))
+            q, s, qt = quantize_blocks(w.to(dt), ue8m0, transposed=True)
+            rq, rs = quantize_blocks_reference(w.to(dt), ue8m0)
+            out[f"blocks_{dt}_ue8m0={ue8m0}"] = bool(torch.equal(u8(q), u8(rq)) and torch.equal(s, rs)
+                                                     and torch.equal(u8(qt), u8(rq.transpose(-1, -2).contiguous())))
+    return out
+
+
 def gemm(args) -> dict:
     dev = "cuda"
-    rows, out = [], {}
-    # Quantize kernel: bit-exact against the torch reference on the GPU.
-    x = torch.randn(4096, 7168 + 64, device=dev) * torch.logspace(-3, 3, 7168 + 64, device=dev)
-    for ue8m0 in (False, True):
-        q, s, qt, st = quantize_rows(x, ue8m0, both=True)
-        rq, rs = quantize_rows_reference(x, ue8m0)
-        rqt, rst = quantize_rows_reference(x.t(), ue8m0)
-        out[f"quantize_bitexact_ue8m0={ue8m0}"] = bool(
-            torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
-            and torch.equal(qt.view(torch.uint8), rqt.view(torch.uint8)) and torch.equal(st, rst))
+    rows, out = [], {"quantize_bitexact": quantize_exact(dev)}
     # DeepSeek-V3 shapes (the issue's two first), then v3-slice's and 16b-slice's linears at their batch's tokens
     shapes = [(4096, 7168, 2048), (4096, 2048, 7168), (8192, 7168, 18432), (8192, 18432, 7168), (8192, 1536, 24576),
               (8192, 16384, 7168), (8192, 7168, 1536), (16384, 2048, 3072), (16384, 2048, 2048),
@@ -121,7 +132,7 @@ def gemm(args) -> dict:
               f"{r['wgrad_bf16_tflops']:>11.0f} {r.get('wgrad_fp8_tflops', 0):>8.0f} "
               f"{r.get('wgrad_speedup', 0):>6.2f} {r.get('err', float('nan')):>8.1e}"
               f" {r.get('cublas_speedup', 0):>9.2f} {r.get('cublas_wgrad_speedup', 0):>8.2f}")
-    print({k: v for k, v in out.items() if k.startswith("quantize")})
+    print("quantize kernels bit-exact against torch:", out["quantize_bitexact"])
     return out
 
 
@@ -188,10 +199,28 @@ MODES = {  # TrainConfig fields per mode; all with bf16 parameters unless named 
 }
 
 
+class Pad16Experts:
+    """Mixin for the torchao peer: every expert's rows padded to a multiple of 16 (what its FP8 grouped GEMM
+    needs and torchtitan's MoE does; torchao 0.18 refuses to pad itself), zero rows between the groups."""
+
+    def ffn(self, x_sorted, w_sorted, offs, gate_up_proj=None, down_proj=None):
+        R, E = x_sorted.shape[0], offs.shape[0]
+        ends = offs.long()
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        padded = (counts + 15) // 16 * 16
+        row = torch.arange(R, device=ends.device)
+        e = torch.searchsorted(ends, row, right=True)  # each sorted row's expert
+        dest = (padded.cumsum(0) - padded)[e] + row - (ends - counts)[e]
+        rows = R + 16 * E
+        x = x_sorted.new_zeros(rows, x_sorted.shape[1]).index_copy(0, dest, x_sorted)
+        w = w_sorted.new_zeros(rows).index_copy(0, dest, w_sorted)
+        return super().ffn(x, w, padded.cumsum(0).to(torch.int32), gate_up_proj, down_proj)[dest]
+
+
 def torchao_fp8(model):
     """torchao's FP8 training on our own model: rowwise-scaled linears (Float8LinearConfig "rowwise") and, for
-    the routed experts, Float8TrainingOpConfig (rowwise FP8 grouped GEMMs, groups padded to 16), with the same
-    high-precision exceptions as ours (head, router, eh_proj)."""
+    the routed experts, Float8TrainingOpConfig (rowwise FP8 grouped GEMMs, groups padded to 16 by Pad16Experts),
+    with the same high-precision exceptions as ours (head, router, eh_proj)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     from torchao.prototype.moe_training.config import Float8TrainingOpConfig
     from torchao.quantization import quantize_
@@ -201,8 +230,11 @@ def torchao_fp8(model):
                                module_filter_fn=lambda m, fqn: fqn.startswith("layers.")
                                and not fqn.endswith("eh_proj") and m.in_features % 16 == 0
                                and m.out_features % 16 == 0)
-    quantize_(model, Float8TrainingOpConfig(pad_token_groups_for_grouped_mm=True),
-              filter_fn=lambda m, fqn: isinstance(m, Experts))
+    padded = type("Pad16Experts", (Pad16Experts, Experts), {})
+    for m in model.modules():
+        if type(m) is Experts:
+            m.__class__ = padded
+    quantize_(model, Float8TrainingOpConfig(), filter_fn=lambda m, fqn: isinstance(m, Experts))
     return model
 
 
@@ -289,7 +321,7 @@ def parity(args) -> dict:
                title=f"{args.preset} {args.batch_size}x{args.seq_len}, gap to {a} (last {args.smooth} steps): {gaps}")
         ax.legend()
         ax.grid(alpha=0.3)
-        fig.savefig(RESULTS / "bench_fp8_parity.png", dpi=120, bbox_inches="tight")
+        fig.savefig(RESULTS / f"bench_fp8_parity_{args.compare.replace(',', '_')}.png", dpi=120, bbox_inches="tight")
         print(f"smoothed final loss (mean of last {args.smooth} steps): {smooth}; relative gap to {a}: {gaps}")
     return out
 
@@ -319,6 +351,11 @@ def main():
     q.add_argument("--seed", type=int, default=0, help="init and data-order seed (another seed: run-to-run spread)")
     q.add_argument("--smooth", type=int, default=100, help="final loss = mean of the last N steps' losses")
     args = p.parse_args()
+    if args.what != "gemm" and not getattr(args, "compare", "") and torch.cuda.is_available():
+        # A quantize kernel that is not bit-exact on this GPU would make every FP8 number below wrong (Triton 3.6
+        # once stored qᵀ wrongly for fp32 weights): check first, stop if so.
+        if bad := [k for k, ok in quantize_exact().items() if not ok]:
+            sys.exit(f"FP8 quantize kernels differ from the torch reference on this GPU: {bad}")
     result = {"gemm": gemm, "train": train, "parity": parity}[args.what](args)
     RESULTS.mkdir(exist_ok=True)
     tag = {"gemm": "gemm", "train": f"train_{getattr(args, 'preset', '')}",
