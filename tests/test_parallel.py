@@ -221,6 +221,27 @@ def test_clip_grad_norm_is_torchs_on_mixed_dtypes():
             torch.testing.assert_close(q.grad, p.grad)
 
 
+def test_clip_folded_into_fused_adamw_steps_as_clipping_the_gradients():
+    """With torch's fused AdamW the clip factor rides on the step (grad_scale): the parameters come out as those of
+    torch.nn.utils.clip_grad_norm_ followed by an ordinary AdamW step."""
+    from dsv3.train.parallel import clip_grad_norm
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(n, 3)) for n in (4, 6)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = torch.optim.AdamW(ours, lr=0.1, fused=True)
+    ref_opt = torch.optim.AdamW(ref, lr=0.1, foreach=False)
+    for step, max_norm in enumerate((100.0, 0.5, 0.5)):  # not clipped, then clipped
+        for p, q in zip(ref, ours):
+            q.grad = torch.randn_like(q) * (step + 1)
+            p.grad = q.grad.clone()
+        norm = clip_grad_norm(ours, max_norm, optimizer=opt)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, max_norm).float())
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(ref, ours):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
+
+
 def test_layout_errors_name_what_is_wrong():
     from dsv3.train.config import TrainConfig
     from dsv3.train.parallel import layout_errors

@@ -221,7 +221,7 @@ class Trainer:
         self.mtp_lam = lam
         sums, counts = self._pipeline_accumulate() if self.layout.pp > 1 else self._accumulate(lam)
         parallel.scale_expert_grads(self.model, self.layout)
-        grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.layout)
+        grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.layout, self.opt)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1

@@ -170,16 +170,23 @@ def scale_expert_grads(model: torch.nn.Module, layout: Layout) -> None:
                     _local(p.grad).div_(layout.ep)
 
 
-def clip_grad_norm(params, max_norm: float, layout: Layout = Layout()) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, layout: Layout = Layout(), optimizer=None) -> torch.Tensor:
     """The global gradient norm, clipped to max_norm. Every gradient element lives on exactly one rank (FSDP and
     expert shards, pipeline stages), so the squares of the local shards summed over all ranks are the square of
-    the global norm: one all-reduce on plain local tensors (DTensor ops cost ~1 ms of CPU each)."""
+    the global norm: one all-reduce on plain local tensors (DTensor ops cost ~1 ms of CPU each).
+
+    Given torch's fused Adam(W) `optimizer` (one process), the gradients are left as they are and the clip
+    factor goes to its step as `grad_scale` (which it divides by), saving a pass over every gradient."""
     grads = [_local(p.grad) for p in params if p.grad is not None]
     squares = torch.nn.utils.get_total_norm(grads).float().pow(2)
     if layout.distributed:
         dist.all_reduce(squares)
     total = squares.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and optimizer.defaults.get("fused") \
+            and not layout.distributed:
+        optimizer.grad_scale = 1 / coef
+        return total
     by_dtype = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
