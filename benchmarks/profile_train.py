@@ -20,6 +20,15 @@ from dsv3.train.config import TrainConfig  # noqa: E402
 from dsv3.train.loop import Trainer  # noqa: E402
 
 
+KINDS = [("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "_grouped_fp8", "gemv")),
+         ("attention", ("sdpa", "flash", "fmha", "attention")), ("optimizer", ("Adam", "multi_tensor")),
+         ("fp8 quantize", ("_quant_",))]
+
+
+def _kind(name: str) -> str:
+    return next((k for k, subs in KINDS if any(s in name for s in subs)), "other")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="bench-684m")
@@ -28,6 +37,8 @@ def main():
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--model-vocab-size", type=int, default=0)
     p.add_argument("--param-dtype", default="bf16")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
+    p.add_argument("--fp8-experts", action="store_true")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
@@ -37,6 +48,7 @@ def main():
     cfg = TrainConfig(preset=args.preset, out=tempfile.mkdtemp(prefix="profile_train_"), steps=10**6,
                       batch_size=args.batch_size, seq_len=args.seq_len, vocab_size=args.vocab_size,
                       model_vocab_size=args.model_vocab_size, mtp=False, param_dtype=args.param_dtype,
+                      precision=args.precision, fp8_experts=args.fp8_experts,
                       compile=args.compile and cuda)
     trainer = Trainer(cfg)
     for _ in range(args.warmup):
@@ -53,15 +65,21 @@ def main():
                                                             and not e.key.startswith("Optimizer."))]
     events.sort(key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in events)
+    classes = {}  # kernel classes: where a step goes, at a glance
+    for e in events:
+        classes[_kind(e.key)] = classes.get(_kind(e.key), 0) + getattr(e, key) / 1e3 / args.steps
     rows = [{"name": e.key, "ms_per_step": getattr(e, key) / 1e3 / args.steps, "share": getattr(e, key) / total,
              "calls_per_step": e.count / args.steps} for e in events[: args.rows]]
     print(f"\n{'kernel / op':<90}{'ms/step':>9}{'share':>8}{'calls':>7}")
     for r in rows:
         print(f"{r['name'][:89]:<90}{r['ms_per_step']:>9.2f}{100 * r['share']:>7.1f}%{r['calls_per_step']:>7.0f}")
     print(f"total {total / 1e3 / args.steps:.1f} ms/step ({'device' if cuda else 'CPU'} time)")
-    out = Path(__file__).parent / "results" / f"profile_train_{args.preset}_{'cuda' if cuda else 'cpu'}.json"
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "total_ms_per_step": total / 1e3 / args.steps},
-                              indent=2) + "\n")
+    print("  ".join(f"{k} {v:.1f} ms ({100 * v / (total / 1e3 / args.steps):.0f}%)"
+                    for k, v in sorted(classes.items(), key=lambda kv: -kv[1])))
+    tag = args.preset + ("_fp8" + ("-experts" if args.fp8_experts else "") if args.precision == "fp8" else "")
+    out = Path(__file__).parent / "results" / f"profile_train_{tag}_{'cuda' if cuda else 'cpu'}.json"
+    out.write_text(json.dumps({"args": vars(args), "rows": rows, "classes_ms_per_step": classes,
+                               "total_ms_per_step": total / 1e3 / args.steps}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
