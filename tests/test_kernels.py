@@ -156,6 +156,10 @@ HOPPER = textwrap.dedent("""
         moe_decode._moe_ffn(torch.randn(n, D).to(bf), w1, w2, order, torch.rand(n * k), k, offs, None, None)
         moe_decode._moe_ffn(torch.randn(n, D).to(bf), w1.to(f8), w2.to(f8), order, torch.rand(n * k), k, offs,
                             torch.ones(E, 2 * F // 128, D // 128), torch.ones(E, D // 128, F // 128))  # FP8 weights
+    rows = torch.randint(0, E, (6,))  # an fp32 model's decode step (its tiles are twice bf16's bytes)
+    moe_decode._moe_ffn(torch.randn(1, D), w1.float(), w2.float(), rows, torch.rand(6), 6, None, None, None)
+    mla_decode._mla_decode_triton(torch.randn(3, 16, 256), torch.randn(3, 16, 32), torch.randn(8, 64, 288),
+                                  torch.zeros(3, 2, dtype=torch.int32), torch.tensor([5, 64, 100]), 0.1, 32, 4)
     for M in (1, 200):  # FP8 weights at inference: decode rows and a prefill chunk
         fp8._w8_mm_op(torch.randn(M, 7168).to(bf), torch.zeros(1536, 7168).to(f8), torch.ones(12, 56))
     TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",

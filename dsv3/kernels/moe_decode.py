@@ -167,6 +167,8 @@ def _moe_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
     up, down = GATE_UP[size], DOWN[size]
     if scaled:  # one block scale per reduction step
         up, down = dict(up, BLOCK_D=min(up["BLOCK_D"], 128)), dict(down, BLOCK_F=min(down["BLOCK_F"], 128))
+    if w1.element_size() == 4:  # an fp32 model: with bf16's stages its tiles need 240 KB of shared memory (> H100's)
+        up = dict(up, num_stages=min(up["num_stages"], 2))
     _gate_up_kernel[(E, triton.cdiv(F, up["BLOCK_F"]))](
         x, w1, s1, rows, offs, w, h, R, top_k, D, F, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0),
         s1.stride(1), h.stride(0), BLOCK_M=FEW, SORTED=sorted_, SCALED=scaled, **up)  # tl.dot: M >= 16, masked
