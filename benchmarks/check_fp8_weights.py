@@ -1,0 +1,52 @@
+"""FP8 weights at inference on the GPU: logits of the model holding e4m3 weights (dsv3/infer/fp8_weights.py, the
+Triton W8 kernels) against the same model holding their dequantized values in bf16, both against an fp32 copy
+of the latter (the yardstick: how far bf16 alone drifts). Random weights, prefill and decode-sized batches.
+
+    python benchmarks/check_fp8_weights.py [--preset bench-684m]
+"""
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dsv3.config import preset  # noqa: E402
+from dsv3.infer.fp8_weights import Fp8WeightExperts, Fp8WeightLinear, fp8_weights  # noqa: E402
+from dsv3.io.fp8 import dequantize_blocks  # noqa: E402
+from dsv3.io.hf import build_model  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="bench-684m")
+    args = p.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    cfg = preset(args.preset).replace(num_nextn_predict_layers=0)
+    model = build_model(cfg, dev, torch.bfloat16)
+    model.init_weights()
+    model.eval()
+    ref = copy.deepcopy(model)
+    print(fp8_weights(model))
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            r = ref.get_submodule(name)
+            if isinstance(m, Fp8WeightLinear):
+                r.weight.copy_(dequantize_blocks(m.weight, m.weight_scale_inv))
+            elif isinstance(m, Fp8WeightExperts):
+                for w, s in zip(("gate_up_proj", "down_proj"), m.weight_scales()):
+                    getattr(r, w).copy_(dequantize_blocks(getattr(m, w), s))
+        ref32 = copy.deepcopy(ref).float()
+        for B, T in ((1, 1), (8, 1), (2, 64), (1, 300)):
+            ids = torch.randint(2, cfg.vocab_size, (B, T), device=dev)
+            a, b, c = (mod(ids).logits.double() for mod in (model, ref, ref32))
+            err = lambda x: ((x - c).norm() / c.norm()).item()  # noqa: E731
+            print(f"batch {B} x {T} tokens: logits' error against fp32: FP8 weights {err(a):.2e}, the same values in "
+                  f"bf16 {err(b):.2e}; argmax agreement FP8 vs bf16 {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
