@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv3.kernels.fp8 import (dequantize_blocks, dequantize_rows, fp8_mm, quantize_blocks,  # noqa: E402
                               quantize_blocks_reference, quantize_rows, quantize_rows_reference)
+from dsv3.model.moe import Experts  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -199,9 +200,9 @@ MODES = {  # TrainConfig fields per mode; all with bf16 parameters unless named 
 }
 
 
-class Pad16Experts:
-    """Mixin for the torchao peer: every expert's rows padded to a multiple of 16 (what its FP8 grouped GEMM
-    needs and torchtitan's MoE does; torchao 0.18 refuses to pad itself), zero rows between the groups."""
+class Pad16Experts(Experts):
+    """Routed experts for the torchao peer: every expert's rows padded to a multiple of 16 (what its FP8 grouped
+    GEMM needs and torchtitan's MoE does; torchao 0.18 refuses to pad itself), zero rows between the groups."""
 
     def ffn(self, x_sorted, w_sorted, offs, gate_up_proj=None, down_proj=None):
         R, E = x_sorted.shape[0], offs.shape[0]
@@ -225,15 +226,13 @@ def torchao_fp8(model):
     from torchao.prototype.moe_training.config import Float8TrainingOpConfig
     from torchao.quantization import quantize_
 
-    from dsv3.model.moe import Experts
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise"),
                                module_filter_fn=lambda m, fqn: fqn.startswith("layers.")
                                and not fqn.endswith("eh_proj") and m.in_features % 16 == 0
                                and m.out_features % 16 == 0)
-    padded = type("Pad16Experts", (Pad16Experts, Experts), {})
     for m in model.modules():
         if type(m) is Experts:
-            m.__class__ = padded
+            m.__class__ = Pad16Experts
     quantize_(model, Float8TrainingOpConfig(), filter_fn=lambda m, fqn: isinstance(m, Experts))
     return model
 
