@@ -295,12 +295,18 @@ def parity(args) -> dict:
     curves = {}
     from dsv3.train.metrics import read_metrics
     for mode in args.compare.split(",") if args.compare else [name]:
+        if not (runs / mode).is_dir():  # a run made in an earlier machine hold: its curve from its results JSON
+            curves[mode] = json.loads((RESULTS / f"bench_fp8_parity_{mode}.json").read_text())["results"]["curves"][mode]
+            continue
         rows = [r for r in read_metrics(runs / mode) if "loss" in r and "tokens_per_s" in r]
         curves[mode] = {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
                         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[len(rows) // 2:])}
-    smooth = {m: statistics.fmean(c["loss"][-args.smooth:]) for m, c in curves.items()}
-    out = {"steps": args.steps, "tokens": args.steps * args.batch_size * args.seq_len, "smooth_window": args.smooth,
-           "smoothed_final_loss": smooth, "curves": curves}
+    # A run cut short (a lost machine) still compares: at the steps all runs reached, with the same LR schedule.
+    last = min(c["step"][-1] for c in curves.values())
+    smooth = {m: statistics.fmean([x for s, x in zip(c["step"], c["loss"]) if s <= last][-args.smooth:])
+              for m, c in curves.items()}
+    out = {"steps": args.steps, "tokens": args.steps * args.batch_size * args.seq_len, "compared_at_step": last,
+           "smooth_window": args.smooth, "smoothed_final_loss": smooth, "curves": curves}
     if args.compare:  # the first run is the reference; every other one's relative gap to it
         a, *others = args.compare.split(",")
         out["relative_gap"] = {m: (smooth[m] - smooth[a]) / smooth[a] for m in others}
@@ -317,11 +323,12 @@ def parity(args) -> dict:
             ax.plot(c["step"], c["loss"], alpha=0.2, lw=0.5, color=line.get_color())
         gaps = ", ".join(f"{m} {100 * g:+.2f}%" for m, g in out["relative_gap"].items())
         ax.set(xlabel="step", ylabel="training loss", ylim=(min(smooth.values()) - 0.3, min(smooth.values()) + 2.5),
-               title=f"{args.preset} {args.batch_size}x{args.seq_len}, gap to {a} (last {args.smooth} steps): {gaps}")
+               title=f"{args.preset} {args.batch_size}x{args.seq_len}, gap to {a} (steps {last - args.smooth + 1}-{last}): "
+                     f"{gaps}")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.savefig(RESULTS / f"bench_fp8_parity_{args.compare.replace(',', '_')}.png", dpi=120, bbox_inches="tight")
-        print(f"smoothed final loss (mean of last {args.smooth} steps): {smooth}; relative gap to {a}: {gaps}")
+        print(f"smoothed loss (mean of steps {last - args.smooth + 1}-{last}): {smooth}; relative gap to {a}: {gaps}")
     return out
 
 
