@@ -296,7 +296,8 @@ def parity(args) -> dict:
     from dsv3.train.metrics import read_metrics
     for mode in args.compare.split(",") if args.compare else [name]:
         if not (runs / mode).is_dir():  # a run made in an earlier machine hold: its curve from its results JSON
-            curves[mode] = json.loads((RESULTS / f"bench_fp8_parity_{mode}.json").read_text())["results"]["curves"][mode]
+            saved = json.loads((RESULTS / f"bench_fp8_parity_{mode}.json").read_text())
+            curves[mode] = saved["results"]["curves"][mode]
             continue
         rows = [r for r in read_metrics(runs / mode) if "loss" in r and "tokens_per_s" in r]
         curves[mode] = {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
@@ -323,8 +324,8 @@ def parity(args) -> dict:
             ax.plot(c["step"], c["loss"], alpha=0.2, lw=0.5, color=line.get_color())
         gaps = ", ".join(f"{m} {100 * g:+.2f}%" for m, g in out["relative_gap"].items())
         ax.set(xlabel="step", ylabel="training loss", ylim=(min(smooth.values()) - 0.3, min(smooth.values()) + 2.5),
-               title=f"{args.preset} {args.batch_size}x{args.seq_len}, gap to {a} (steps {last - args.smooth + 1}-{last}): "
-                     f"{gaps}")
+               title=f"{args.preset} {args.batch_size}x{args.seq_len}, gap to {a} "
+                     f"(steps {last - args.smooth + 1}-{last}): {gaps}")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.savefig(RESULTS / f"bench_fp8_parity_{args.compare.replace(',', '_')}.png", dpi=120, bbox_inches="tight")

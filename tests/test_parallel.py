@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +203,22 @@ def _ep_worker(rank: int, init_file: str):
 def test_expert_parallel_dispatch_and_combine_match_one_process(tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_ep_worker, args=(str(tmp_path / "init"),), nprocs=EP_RANKS, join=True)
+
+
+def test_scaling_model_counts_the_rows_epexperts_sends():
+    """benchmarks/scaling_model.py's rows per token, against the expectation by hand: with one expert per rank, a
+    token's K experts are K distinct ranks and its own is among them with probability K/E, whatever the routing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from scaling_model import rows_per_token
+
+    from dsv3.config import preset
+    cfg = preset("bench-684m")  # 64 experts, top-6, group-limited to 4 of 8 groups
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    intra, inter, nodes = rows_per_token(cfg, ep=E, per_node=E)  # one node
+    assert abs(intra - K * (E - 1) / E) < 0.01 and inter == nodes == 0
+    intra, inter, nodes = rows_per_token(cfg, ep=E, per_node=8)  # 8 nodes = the 8 expert groups
+    assert abs(intra + inter - K * (E - 1) / E) < 0.01
+    assert nodes <= cfg.topk_group and 0 < nodes < inter  # node-limited: at most 4 nodes, several ranks on one
 
 
 def test_clip_grad_norm_is_torchs_on_mixed_dtypes():
