@@ -101,7 +101,7 @@ def main():
         d = json.loads((RESULTS / run).read_text())
         one = d["results"][name]["1 GPU"]
         tokens = d["args"]["batch_size"] * d["args"]["seq_len"]
-        measured = [r for f in RESULTS.glob("bench_scale_*x*.json")
+        measured = [r for f in RESULTS.glob("bench_scale_*xcuda*.json")  # GPUs' NVLink, not a CPU's gloo
                     if isinstance(a := json.loads(f.read_text()).get("alltoall"), list) for r in a]
         nvlink = args.nvlink_gbs or (max(r["gb_per_s_out_of_each_rank"] for r in measured) if measured else 160.0)
         cfg = CONFIGS[name]().replace(vocab_size=d["args"]["model_vocab_size"])
