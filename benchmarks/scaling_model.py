@@ -11,8 +11,9 @@ parallel: FSDP2 over all N for the dense weights, over the N / EP replicas for t
                max(intra-node bytes / NVLink, inter-node bytes / IB), the two links working at once.
   FSDP2        all-gather of the bf16 weights in forward and again in backward, reduce-scatter of the gradients:
                3 · 2 bytes · params · (n − 1) / n per GPU, over IB once the group spans nodes.
-Two schedules: "as built" (the all-to-all runs inside the layer, exposed; FSDP2 prefetch hides the collectives up
-to t_c) and "overlapped" (DualPipe-style: another micro-batch's compute hides communication up to t_c).
+Three schedules: "as built" (the all-to-all runs inside the layer, exposed; FSDP2 prefetch hides the collectives up
+to t_c), "overlapped" (DualPipe-style: another micro-batch's compute hides communication up to t_c), and overlapped
+with each token crossing IB once per destination node (DeepSeek-V3's dispatch), then NVLink there.
 Efficiency = t_c / step time. Bandwidths: the all-to-all bandwidth bench_scale.py measured on a multi-GPU machine
 where its JSON has one, else DeepSeek-V3's figures (§3.2.2 of the paper: NVLink 160 GB/s, IB 50 GB/s per GPU).
 
@@ -67,8 +68,10 @@ def param_counts(cfg) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()) - experts, experts
 
 
-def model(cfg, t_c: float, tokens: int, n: int, nvlink: float, ib: float, per_node: int = 8) -> dict:
-    """Seconds per step of each part for one GPU of N, and the two efficiencies."""
+def model(cfg, params: tuple[int, int], t_c: float, tokens: int, n: int, nvlink: float, ib: float,
+          per_node: int = 8) -> dict:
+    """Milliseconds per step of each part for one GPU of N, and the three schedules' efficiencies. `params`:
+    param_counts(cfg)."""
     E, K, D = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     ep = min(n, E)
     per_node = min(per_node, n)
@@ -78,7 +81,7 @@ def model(cfg, t_c: float, tokens: int, n: int, nvlink: float, ib: float, per_no
     a2a = moe_layers * tokens * bytes_per_row * max(intra / nvlink, inter / ib) / 1e9
     # DeepSeek-V3's dispatch: over IB once per node, then NVLink on to the other ranks there
     a2a_node = moe_layers * tokens * bytes_per_row * max((intra + inter - nodes) / nvlink, nodes / ib) / 1e9
-    dense, experts = param_counts(cfg)
+    dense, experts = params
     fsdp = 0.0
     for params, group in ((dense, n), (experts / ep, n // ep)):  # expert replicas: ranks EP apart
         fsdp += 3 * 2 * params * (group - 1) / group / (ib if n > per_node else nvlink) / 1e9
@@ -96,22 +99,22 @@ def main():
     p.add_argument("--nvlink-gbs", type=float, default=0.0, help="default: measured (bench_scale JSON), else 160")
     p.add_argument("--ib-gbs", type=float, default=50.0)
     args = p.parse_args()
+    measured = [r for f in RESULTS.glob("bench_scale_*xcuda*.json")  # GPUs' NVLink, not a CPU's gloo
+                if isinstance(a := json.loads(f.read_text()).get("alltoall"), list) for r in a]
+    nvlink = args.nvlink_gbs or (max(r["gb_per_s_out_of_each_rank"] for r in measured) if measured else 160.0)
     out = {}
     for name, run in RUNS.items():
         d = json.loads((RESULTS / run).read_text())
-        one = d["results"][name]["1 GPU"]
         tokens = d["args"]["batch_size"] * d["args"]["seq_len"]
-        measured = [r for f in RESULTS.glob("bench_scale_*xcuda*.json")  # GPUs' NVLink, not a CPU's gloo
-                    if isinstance(a := json.loads(f.read_text()).get("alltoall"), list) for r in a]
-        nvlink = args.nvlink_gbs or (max(r["gb_per_s_out_of_each_rank"] for r in measured) if measured else 160.0)
+        t_c = tokens / d["results"][name]["1 GPU"]["tokens_per_s"]
         cfg = CONFIGS[name]().replace(vocab_size=d["args"]["model_vocab_size"])
-        rows = [model(cfg, tokens / one["tokens_per_s"], tokens, int(n), nvlink, args.ib_gbs)
-                for n in args.gpus.split(",")]
+        params = param_counts(cfg)
+        rows = [model(cfg, params, t_c, tokens, int(n), nvlink, args.ib_gbs) for n in args.gpus.split(",")]
         out[name] = {"from": run, "device": d["device"], "train_args": d["args"]["train_args"],
                      "tokens_per_gpu": tokens,
                      "nvlink_gbs": nvlink, "nvlink_measured": bool(measured) and not args.nvlink_gbs,
                      "ib_gbs": args.ib_gbs, "rows": rows}
-        print(f"\n{name}: {tokens} tokens per GPU, t_c {1e3 * tokens / one['tokens_per_s']:.1f} ms ({d['device']}, "
+        print(f"\n{name}: {tokens} tokens per GPU, t_c {1e3 * t_c:.1f} ms ({d['device']}, "
               f"{d['args']['train_args']}); NVLink {nvlink:.0f} GB/s, IB {args.ib_gbs:.0f} GB/s")
         print(f"{'GPUs':>5}{'EP':>4}{'rows/token: node':>17}{'other nodes':>12}{'(nodes)':>8}{'a2a ms':>8}"
               f"{'(dedup)':>8}{'FSDP ms':>8}{'as built':>9}{'overlapped':>11}{'+ dedup':>8}")

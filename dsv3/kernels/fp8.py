@@ -172,7 +172,6 @@ if triton is not None:
             tl.store(qt_ptr + base + cols[None, :] * N + rows[:, None], y, mask=mask)
         tl.store(s_ptr + (e * nnb + pn) * nkb + pk, s)
 
-
     @triton.jit
     def _w8_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, s_x, s_y, s_s,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
