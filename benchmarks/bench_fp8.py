@@ -67,6 +67,13 @@ def quantize_exact(dev="cuda") -> dict:
     return out
 
 
+def check_quantize():
+    """Stop if a quantize kernel is not bit-exact on this GPU: every FP8 number after it would be wrong (Triton 3.6
+    once stored qᵀ wrongly for fp32 weights)."""
+    if torch.cuda.is_available() and (bad := [k for k, ok in quantize_exact().items() if not ok]):
+        sys.exit(f"FP8 quantize kernels differ from the torch reference on this GPU: {bad}")
+
+
 def gemm(args) -> dict:
     dev = "cuda"
     rows, out = [], {"quantize_bitexact": quantize_exact(dev)}
@@ -358,11 +365,8 @@ def main():
     q.add_argument("--seed", type=int, default=0, help="init and data-order seed (another seed: run-to-run spread)")
     q.add_argument("--smooth", type=int, default=100, help="final loss = mean of the last N steps' losses")
     args = p.parse_args()
-    if args.what != "gemm" and not getattr(args, "compare", "") and torch.cuda.is_available():
-        # A quantize kernel that is not bit-exact on this GPU would make every FP8 number below wrong (Triton 3.6
-        # once stored qᵀ wrongly for fp32 weights): check first, stop if so.
-        if bad := [k for k, ok in quantize_exact().items() if not ok]:
-            sys.exit(f"FP8 quantize kernels differ from the torch reference on this GPU: {bad}")
+    if args.what != "gemm" and not getattr(args, "compare", ""):
+        check_quantize()
     result = {"gemm": gemm, "train": train, "parity": parity}[args.what](args)
     RESULTS.mkdir(exist_ok=True)
     tag = {"gemm": "gemm", "train": f"train_{getattr(args, 'preset', '')}",

@@ -2,7 +2,8 @@
 in several precision / compile modes, next to transformers' DeepseekV3ForCausalLM timed in the same run.
 
 Modes: amp (fp32 master weights + bf16 autocast, our default), bf16 (bf16 parameters, the peers' setting),
-bf16-compiled (bf16 parameters, each block torch.compile'd). Peers: transformers' DeepseekV3ForCausalLM
+bf16-compiled (bf16 parameters, each block torch.compile'd), and bench_fp8's FP8 modes (fp8, fp8-compiled, ...), so
+our FP8 is timed beside the peers' bf16 in one run. Peers: transformers' DeepseekV3ForCausalLM
 (grouped_mm experts, sdpa) and torchtitan 0.2.2's DeepSeekV3Model, eager and compiled per block as torchtitan
 does, timed on the same config (bf16 parameters, fused AdamW, random tokens). Reported: median tokens/s over the
 second half of the steps (peers: mean over 10 steps after 3 warm-up steps), MFU (989 TFLOP/s bf16 dense;
@@ -11,6 +12,8 @@ dsv3.info's training FLOPs/token), peak memory.
   python benchmarks/bench_train.py --preset bench-684m --batch-size 8 --seq-len 2048 --vocab-size 32000
   python benchmarks/bench_train.py --preset 16b-slice --batch-size 4 --seq-len 4096 --vocab-size 32000 \
       --model-vocab-size 102400 --modes bf16,bf16-compiled
+  python benchmarks/bench_train.py --preset v3-slice --batch-size 2 --seq-len 4096 --vocab-size 32000 \
+      --modes bf16-compiled,fp8-compiled --peers torchtitan-compiled
 Writes benchmarks/results/bench_train_<preset>_<device>.json.
 """
 from __future__ import annotations
@@ -29,9 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dsv3.train.config import TrainConfig  # noqa: E402
 from dsv3.train.loop import Trainer  # noqa: E402
 from dsv3.train.metrics import read_metrics  # noqa: E402
-
-MODES = {"amp": dict(param_dtype="fp32", autocast=True), "bf16": dict(param_dtype="bf16", autocast=False),
-         "bf16-compiled": dict(param_dtype="bf16", autocast=False, compile=True)}
+from bench_fp8 import MODES, check_quantize  # noqa: E402  (amp, bf16, bf16-compiled and the fp8 modes)
 
 
 def build_torchtitan(cfg, seq_len, device, compile_):
@@ -86,6 +87,8 @@ def main():
                    help="comma-separated, timed on the same config in bench_forward's loop (bf16 parameters, "
                         "fused AdamW, random tokens): transformers, torchtitan, torchtitan-compiled; '' for none")
     args = p.parse_args()
+    if "fp8" in args.modes:
+        check_quantize()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     results, tokenizer = {}, None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
