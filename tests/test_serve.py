@@ -397,3 +397,10 @@ def test_reasoning_content_is_split_out_streamed_and_not(model, tok):
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
     finally:
         s.stop()
+
+
+def test_default_model_name_names_the_run_and_step(tmp_path):
+    from dsv3.serve.server import default_model_name
+    assert default_model_name(tmp_path / "quickstart/checkpoints/step_0000960/model") == "quickstart-step_0000960"
+    assert default_model_name(tmp_path / "DeepSeek-V2-Lite") == "DeepSeek-V2-Lite"
+    assert default_model_name(tmp_path / "export/model") == "model"  # not a run's checkpoint: the directory's name

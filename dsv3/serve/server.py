@@ -11,6 +11,14 @@ from pathlib import Path
 import torch
 
 
+def default_model_name(ckpt: Path) -> str:
+    """The checkpoint directory's name; for a dsv3 run's `RUN/checkpoints/step_N/model`, `RUN-step_N`."""
+    p = ckpt.resolve()
+    if p.name == "model" and p.parent.name.startswith("step_") and p.parent.parent.name == "checkpoints":
+        return f"{p.parent.parent.parent.name}-{p.parent.name}"
+    return p.name
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (Hugging Face layout with tokenizer files)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
@@ -18,7 +26,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--api-key", action="append", default=[], help="accepted key (repeatable); none: open")
     keys.add_argument("--api-keys-file", help="file with one accepted key per line")
-    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name; "
+                   "RUN-step_N for a dsv3 run's RUN/checkpoints/step_N/model)")
     p.add_argument("--cache-dir", help="disk tier of the prefix cache (DeepSeek's context caching); survives restarts")
     p.add_argument("--cache-disk-gb", type=float, default=16.0, help="size bound of --cache-dir")
     p.add_argument("--cache-host-gb", type=float, default=1.0, help="host-memory tier between the pool and disk")
@@ -60,7 +69,7 @@ def run(args) -> None:
     # collection no longer walks it (the ones while loading tiny-576 took up to 127 ms, every thread waiting).
     gc.collect()
     gc.freeze()
-    config = ServerConfig(model_name=args.model_name or ckpt.resolve().name, api_keys=frozenset(keys),
+    config = ServerConfig(model_name=args.model_name or default_model_name(ckpt), api_keys=frozenset(keys),
                           max_concurrent_per_key=args.max_concurrent, max_queue=args.max_queue)
     app = create_app(engine, config)
     # HTTP on a thread of its own, the engine on the main thread (async_engine.py says why). Signals reach only the
