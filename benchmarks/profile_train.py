@@ -67,7 +67,8 @@ def main():
     total = sum(getattr(e, key) for e in events)
     classes = {}  # kernel classes: where a step goes, at a glance
     for e in events:
-        classes[_kind(e.key)] = classes.get(_kind(e.key), 0) + getattr(e, key) / 1e3 / args.steps
+        k = _kind(e.key)
+        classes[k] = classes.get(k, 0) + getattr(e, key) / 1e3 / args.steps
     rows = [{"name": e.key, "ms_per_step": getattr(e, key) / 1e3 / args.steps, "share": getattr(e, key) / total,
              "calls_per_step": e.count / args.steps} for e in events[: args.rows]]
     print(f"\n{'kernel / op':<90}{'ms/step':>9}{'share':>8}{'calls':>7}")

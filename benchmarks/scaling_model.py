@@ -83,8 +83,8 @@ def model(cfg, params: tuple[int, int], t_c: float, tokens: int, n: int, nvlink:
     a2a_node = moe_layers * tokens * bytes_per_row * max((intra + inter - nodes) / nvlink, nodes / ib) / 1e9
     dense, experts = params
     fsdp = 0.0
-    for params, group in ((dense, n), (experts / ep, n // ep)):  # expert replicas: ranks EP apart
-        fsdp += 3 * 2 * params * (group - 1) / group / (ib if n > per_node else nvlink) / 1e9
+    for count, group in ((dense, n), (experts / ep, n // ep)):  # expert replicas: ranks EP apart
+        fsdp += 3 * 2 * count * (group - 1) / group / (ib if n > per_node else nvlink) / 1e9
     return {"gpus": n, "ep": ep, "dp_experts": n // ep, "rows_per_token_intra": intra, "rows_per_token_inter": inter,
             "nodes_per_token_inter": nodes, "alltoall_ms": 1e3 * a2a, "alltoall_node_dedup_ms": 1e3 * a2a_node,
             "fsdp_ms": 1e3 * fsdp, "compute_ms": 1e3 * t_c,
