@@ -12,10 +12,9 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -26,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from dsv3.infer.engine import Engine, RequestOutput
 from dsv3.infer.sampler import SamplingParams, TokenLogprobs
+from dsv3.serve.admission import Admission
 from dsv3.serve.async_engine import AsyncEngine, EngineError
 from dsv3.serve.metrics import Metrics
 from dsv3.infer.structured import Structured
@@ -40,7 +40,7 @@ _VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
                  "value_error", "literal_error", "enum", "multiple_of", "string_too_long", "string_too_short"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerConfig:
     model_name: str
     api_keys: frozenset[str] = frozenset()  # empty: no authentication
@@ -53,14 +53,17 @@ class ServerConfig:
     keepalive_s: float = 15.0
     reasoning: bool | None = None  # the model thinks in <think>; None: when its chat template mentions </think>
     prefixes: tuple[str, ...] = ("", "/v1", "/beta")  # every route is served under each
-    in_flight: Counter = field(default_factory=Counter)
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     tok = engine.tokenizer
     aengine = AsyncEngine(engine)
-    if config.reasoning is None:
-        config.reasoning = THINK_END in str(tok.config.get("chat_template") or "")
+    reasons = config.reasoning  # the model thinks in <think>: its chat replies carry reasoning_content
+    if reasons is None:
+        reasons = THINK_END in str(tok.config.get("chat_template") or "")
+    reasons = bool(reasons)
+    admission = Admission(config.api_keys, config.max_concurrent_per_key, config.max_queue,
+                          queued=lambda: aengine.num_requests)
     fingerprint = f"fp_dsv3_{engine.pool.seed.hex()[:10]}"
     max_len = engine.max_len
     grammars = Structured(tok, engine.model.config.vocab_size)
@@ -129,22 +132,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     # ---- auth and admission --------------------------------------------------------------------------------
     def caller(request: Request) -> str:
-        """The API key of the request ('' without keys); 401 when keys are required and this one is not one."""
-        if not config.api_keys:
-            return ""
-        header = request.headers.get("authorization", "")
-        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if key not in config.api_keys:
-            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                           type="authentication_error", code="invalid_api_key")
-        return key
-
-    def admit(key: str) -> None:
-        if config.in_flight[key] >= config.max_concurrent_per_key:
-            raise APIError(429, f"too many concurrent requests for this key (limit {config.max_concurrent_per_key})",
-                           type="rate_limit_error", code="rate_limit_exceeded")
-        if aengine.num_requests >= config.max_queue:
-            raise APIError(503, "the server is overloaded; retry later", type="server_error", code="overloaded")
+        return admission.authenticate(request.headers.get("authorization", ""))
 
     def check_model(name: str) -> None:
         if name not in (config.model_name, *ALIASES):
@@ -172,30 +160,29 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def run(request: Request, key: str, rid: str, prompt_ids: list[int], params: SamplingParams,
                   stream: bool) -> AsyncIterator[RequestOutput | None]:
         """The engine's outputs for one request, counted against the key while in flight, logged once."""
-        config.in_flight[key] += 1
-        metrics.prompt_tokens.inc(len(prompt_ids))
-        t0, last = time.perf_counter(), None
-        t_tok = None  # when the latest token arrived
-        try:
-            async for out in aengine.generate(rid, prompt_ids, params, config.keepalive_s if stream else None):
-                new = sum(len(c.delta_token_ids) for c in out.outputs) if out else 0
-                if new:
-                    now = time.perf_counter()
-                    if t_tok is None:
-                        metrics.ttft.observe(now - t0)
-                    else:
-                        metrics.itl.observe((now - t_tok) / new)
-                    t_tok = now
-                    metrics.generation_tokens.inc(new)
-                last = out or last
-                yield out
-        finally:
-            config.in_flight[key] -= 1
-            done = last is not None and last.finished
-            n_out = sum(len(c.token_ids) for c in last.outputs) if last else 0
-            log.info("%s prompt=%d cached=%d completion=%d %s %.3fs", rid, len(prompt_ids),
-                     last.num_cached_tokens if last else 0, n_out, "done" if done else "cancelled",
-                     time.perf_counter() - t0)
+        with admission.hold(key):
+            metrics.prompt_tokens.inc(len(prompt_ids))
+            t0, last = time.perf_counter(), None
+            t_tok = None  # when the latest token arrived
+            try:
+                async for out in aengine.generate(rid, prompt_ids, params, config.keepalive_s if stream else None):
+                    new = sum(len(c.delta_token_ids) for c in out.outputs) if out else 0
+                    if new:
+                        now = time.perf_counter()
+                        if t_tok is None:
+                            metrics.ttft.observe(now - t0)
+                        else:
+                            metrics.itl.observe((now - t_tok) / new)
+                        t_tok = now
+                        metrics.generation_tokens.inc(new)
+                    last = out or last
+                    yield out
+            finally:
+                done = last is not None and last.finished
+                n_out = sum(len(c.token_ids) for c in last.outputs) if last else 0
+                log.info("%s prompt=%d cached=%d completion=%d %s %.3fs", rid, len(prompt_ids),
+                         last.num_cached_tokens if last else 0, n_out, "done" if done else "cancelled",
+                         time.perf_counter() - t0)
 
     def usage(runs: list[tuple[int, RequestOutput]], reasoning_tokens: int = 0) -> dict:
         """Usage of one or more engine requests, given as (prompt length, final output)."""
@@ -251,7 +238,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             ids = tok.apply_chat_template(messages, tools=tools or None, tokenize=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
-        thinking = bool(config.reasoning) and tok.decode(ids[-8:]).rstrip().endswith(THINK)
+        thinking = reasons and tok.decode(ids[-8:]).rstrip().endswith(THINK)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling(req, budget(len(ids), req.max_tokens, config.default_max_tokens), logprobs)
         # Constrained decoding: JSON mode; tool calls when a call is demanded or a tool is strict (its
@@ -261,15 +248,15 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         elif tools and (choice == "required" or isinstance(choice, dict)
                         or any(t["function"].get("strict") for t in tools)):
             try:
-                params.grammar = grammars.tool_calls(tools, choice or "auto", bool(config.reasoning))
+                params.grammar = grammars.tool_calls(tools, choice or "auto", reasons)
             except Exception as e:  # a parameters schema the grammar compiler rejects
                 raise APIError(400, f"tools: cannot constrain calls to these parameter schemas ({e})",
                                param="tools") from e
-        admit(key)
+        admission.admit(key)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
 
-        parsers = [OutputParser(bool(config.reasoning), thinking, bool(tools)) for _ in range(params.n)]
+        parsers = [OutputParser(reasons, thinking, bool(tools)) for _ in range(params.n)]
 
         def finish(c, calls) -> str:
             return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
@@ -281,7 +268,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 reasoning, content, calls = parser.parse(c.text, True)
                 thought += len(tok.encode(reasoning)) if reasoning else 0
                 message = {"role": "assistant", "content": content or (None if calls else "")}
-                if config.reasoning:
+                if reasons:
                     message["reasoning_content"] = reasoning
                 if calls:
                     message["tool_calls"] = [{"id": parser.call_id(i), "type": "function",
@@ -360,7 +347,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     raise APIError(422, "prompt token ids must be in the vocabulary", param="prompt")
                 jobs.append((list(p), tok.decode(p)))
         params = [sampling(req, budget(len(ids), req.max_tokens, cap), req.logprobs) for ids, _ in jobs]
-        admit(key)
+        admission.admit(key)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
         n = req.n
