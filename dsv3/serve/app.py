@@ -8,7 +8,6 @@ Routes are served under "", "/v1" and "/beta". Each request is validated (protoc
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -24,9 +23,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dsv3.infer.engine import Engine, RequestOutput
-from dsv3.infer.sampler import SamplingParams, TokenLogprobs
+from dsv3.infer.sampler import SamplingParams
 from dsv3.serve.admission import Admission
 from dsv3.serve.async_engine import AsyncEngine, EngineError
+from dsv3.serve import openai_format as fmt
 from dsv3.serve.metrics import Metrics
 from dsv3.infer.structured import Structured
 from dsv3.serve.parsing import OutputParser
@@ -35,9 +35,6 @@ from dsv3.tokenizer import THINK, THINK_END, fim_prompt
 
 log = logging.getLogger("dsv3.serve")
 ALIASES = ("deepseek-chat", "deepseek-reasoner")
-# Pydantic error types that mean "a value out of its allowed range" (422); the rest are shape errors (400).
-_VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
-                 "value_error", "literal_error", "enum", "multiple_of", "string_too_long", "string_too_short"}
 
 
 @dataclass(frozen=True)
@@ -90,15 +87,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        if any(err["type"] == "json_invalid" for err in errors):
-            return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
-        err = errors[0]
-        loc = [str(x) for x in err["loc"] if x != "body"]
-        param = ".".join(loc) or None
-        status = 422 if err["type"] in _VALUE_ERRORS and param else 400  # a whole-request rule: the shape
-        msg = f"{param}: {err['msg']}" if param else err["msg"]
-        return JSONResponse(APIError(status, msg, param=param).body(), status_code=status)
+        error = fmt.validation_error(e.errors())
+        return JSONResponse(error.body(), status_code=error.status)
 
     async def _size_limit_and_count(scope, receive, send, inner):
         # A plain ASGI wrapper (Starlette's @app.middleware pipes every streamed chunk through a task group and a
@@ -184,26 +174,6 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                          last.num_cached_tokens if last else 0, n_out, "done" if done else "cancelled",
                          time.perf_counter() - t0)
 
-    def usage(runs: list[tuple[int, RequestOutput]], reasoning_tokens: int = 0) -> dict:
-        """Usage of one or more engine requests, given as (prompt length, final output)."""
-        prompt_len = sum(n for n, _ in runs)
-        completion = sum(len(c.token_ids) for _, last in runs for c in last.outputs)
-        hit = sum(last.num_cached_tokens for _, last in runs)
-        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
-                "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_len - hit,
-                "prompt_tokens_details": {"cached_tokens": hit},
-                "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
-
-    def token_text(t: int) -> str:
-        return tok.decode([t])
-
-    def chat_logprobs(entries: list[TokenLogprobs]) -> dict:
-        def one(t: int, lp: float) -> dict:
-            s = token_text(t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-        return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
-                            for e in entries]}
-
     # ---- routes --------------------------------------------------------------------------------------------
     router = APIRouter()
 
@@ -253,74 +223,35 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 raise APIError(400, f"tools: cannot constrain calls to these parameter schemas ({e})",
                                param="tools") from e
         admission.admit(key)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
+        head = fmt.head(f"chatcmpl-{uuid.uuid4().hex}", req.model, fingerprint)
+        rid = head["id"]
 
         parsers = [OutputParser(reasons, thinking, bool(tools)) for _ in range(params.n)]
-
-        def finish(c, calls) -> str:
-            return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
-
         if not req.stream:
             last = await _until_disconnect(request, _last(run(request, key, rid, ids, params, False)))
-            choices, thought = [], 0
-            for c, parser in zip(last.outputs, parsers):
-                reasoning, content, calls = parser.parse(c.text, True)
-                thought += len(tok.encode(reasoning)) if reasoning else 0
-                message = {"role": "assistant", "content": content or (None if calls else "")}
-                if reasons:
-                    message["reasoning_content"] = reasoning
-                if calls:
-                    message["tool_calls"] = [{"id": parser.call_id(i), "type": "function",
-                                              "function": {"name": x.name, "arguments": x.arguments}}
-                                             for i, x in enumerate(calls)]
-                choices.append({"index": c.index, "message": message, "finish_reason": finish(c, calls),
-                                "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None})
-            return head | {"object": "chat.completion", "choices": choices, "usage": usage([(len(ids), last)], thought)}
+            return fmt.chat_completion(head, last, parsers, reasons, len(ids), tok)
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events():
-            def chunk(choices, **extra) -> str:
-                body = head | {"object": "chat.completion.chunk", "choices": choices} | extra
-                if include_usage and "usage" not in extra:
-                    body["usage"] = None
-                return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-            n_lp = [0] * params.n
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(params.n)])
-            last = None
+            yield fmt.chat_chunk(head, fmt.chat_role_choices(params.n), include_usage)
+            last, sent_logprobs = None, [0] * params.n
             try:
                 async for out in run(request, key, rid, ids, params, True):
                     if out is None:
-                        yield ": keep-alive\n\n"
+                        yield fmt.KEEP_ALIVE
                         continue
                     last = out
-                    choices, finished = [], []
-                    for c in out.outputs:
-                        if c.finish_reason is None and not c.delta_token_ids:
-                            continue
-                        parser = parsers[c.index]
-                        delta = parser.delta(c.text, c.finish_reason is not None)
-                        lp = None
-                        if c.logprobs is not None:
-                            lp, n_lp[c.index] = chat_logprobs(c.logprobs[n_lp[c.index]:]), len(c.logprobs)
-                        if delta or lp:
-                            choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None})
-                        if c.finish_reason is not None:  # the last chunk of a choice: empty delta, finish_reason
-                            finished.append({"index": c.index, "delta": {}, "logprobs": None,
-                                             "finish_reason": finish(c, parser.args)})
-                    for choices in (choices, finished):
+                    for choices in fmt.chat_deltas(out, parsers, sent_logprobs, tok):
                         if choices:
-                            yield chunk(choices)
+                            yield fmt.chat_chunk(head, choices, include_usage)
             except EngineError as e:
-                yield _stream_error(e)
+                yield fmt.error_event(e)
                 return
             if include_usage and last is not None:
-                thought = sum(len(tok.encode(p.sent[0])) for p in parsers if p.sent[0])
-                yield chunk([], usage=usage([(len(ids), last)], thought))
-            yield "data: [DONE]\n\n"
+                thought = fmt.streamed_reasoning_tokens(parsers, tok)
+                yield fmt.chat_chunk(head, [], include_usage, usage=fmt.usage([(len(ids), last)], thought))
+            yield fmt.DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -348,33 +279,14 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 jobs.append((list(p), tok.decode(p)))
         params = [sampling(req, budget(len(ids), req.max_tokens, cap), req.logprobs) for ids, _ in jobs]
         admission.admit(key)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
-        n = req.n
-
-        def logprobs_of(entries: list[TokenLogprobs], offset: int) -> dict:
-            tokens = [token_text(e.token_id) for e in entries]
-            offsets, at = [], offset
-            for t in tokens:
-                offsets.append(at)
-                at += len(t)
-            return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                    "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
-                    "text_offset": offsets}
+        head = fmt.head(f"cmpl-{uuid.uuid4().hex}", req.model, fingerprint)
+        rid = head["id"]
 
         streams = [run(request, key, f"{rid}-{i}", ids, sp, req.stream) for i, ((ids, _), sp) in
                    enumerate(zip(jobs, params))]
         if not req.stream:
             lasts = await _until_disconnect(request, asyncio.gather(*(_last(s) for s in streams)))
-            choices = []
-            for i, ((ids, text), last) in enumerate(zip(jobs, lasts)):
-                echo = text if req.echo else ""
-                for c in last.outputs:
-                    lp = logprobs_of(c.logprobs, len(echo)) if c.logprobs is not None else None
-                    choices.append({"index": i * n + c.index, "text": echo + c.text, "logprobs": lp,
-                                    "finish_reason": c.finish_reason})
-            total = usage([(len(ids), last) for (ids, _), last in zip(jobs, lasts)])
-            return head | {"object": "text_completion", "choices": choices, "usage": total}
+            return fmt.text_completion(head, jobs, lasts, req.echo, req.n, tok)
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -392,40 +304,27 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
             tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
             try:
-                lasts, emitted, live = [None] * len(jobs), {}, len(tasks)
+                lasts, sent_logprobs, live = [None] * len(jobs), {}, len(tasks)
                 while live:
                     i, out = await queue.get()
                     if isinstance(out, StopAsyncIteration):
                         live -= 1
                         continue
                     if out is None:
-                        yield ": keep-alive\n\n"
+                        yield fmt.KEEP_ALIVE
                         continue
                     if isinstance(out, EngineError):
-                        yield _stream_error(out)
+                        yield fmt.error_event(out)
                         return
                     lasts[i] = out
-                    choices = []
-                    for c in out.outputs:
-                        idx = i * n + c.index
-                        first = idx not in emitted
-                        text = (jobs[i][1] if req.echo and first else "") + c.delta_text
-                        lp = None
-                        if c.logprobs is not None:
-                            lp = logprobs_of(c.logprobs[emitted.get(idx, 0):], 0)
-                            emitted[idx] = len(c.logprobs)
-                        else:
-                            emitted[idx] = 0
-                        if text or c.finish_reason is not None:
-                            choices.append({"index": idx, "text": text, "logprobs": lp,
-                                            "finish_reason": c.finish_reason})
+                    echoed = jobs[i][1] if req.echo else ""
+                    choices = fmt.completion_deltas(out, i, req.n, echoed, sent_logprobs, tok)
                     if choices:
-                        yield f"data: {json.dumps(head | {'object': 'text_completion', 'choices': choices})}\n\n"
+                        yield fmt.sse(head | {"object": "text_completion", "choices": choices})
                 if include_usage and all(lasts):
-                    total = usage([(len(ids), last) for (ids, _), last in zip(jobs, lasts)])
-                    body = head | {"object": "text_completion", "choices": [], "usage": total}
-                    yield f"data: {json.dumps(body)}\n\n"
-                yield "data: [DONE]\n\n"
+                    total = fmt.usage([(len(ids), last) for (ids, _), last in zip(jobs, lasts)])
+                    yield fmt.sse(head | {"object": "text_completion", "choices": [], "usage": total})
+                yield fmt.DONE
             finally:
                 for t in tasks:
                     t.cancel()
@@ -456,12 +355,6 @@ def _internal_error(e: Exception) -> JSONResponse:
     log.error("internal error (%s): %s: %s", rid, type(e).__name__, e, exc_info=e)
     return JSONResponse(APIError(500, f"internal error (reference {rid})", type="server_error").body(),
                         status_code=500)
-
-
-def _stream_error(e: Exception) -> str:
-    """A failure after a stream began (its 200 is sent): an error event, as OpenAI's streams carry them."""
-    log.error("stream failed: %s: %s", type(e).__name__, e, exc_info=e)
-    return f"data: {json.dumps(APIError(500, str(e), type='server_error').body())}\n\n"
 
 
 async def _last(stream: AsyncIterator[RequestOutput | None]) -> RequestOutput:
