@@ -1,107 +1,117 @@
-"""`dsv3 serve`: the DeepSeek/OpenAI-compatible HTTP API (../shared/API.md) over the inference engine.
+"""`dsv3 serve`: the DeepSeek/OpenAI-compatible HTTP API (docs/api.md) over the inference engine; this module wires
+the app together.
 
-Routes are served under "", "/v1" and "/beta". Each request is validated (protocol.py), turned into prompt ids
-(chat template, Chat Prefix Completion, FIM), checked against the context, and handed to the engine thread
-(async_engine.py); outputs come back as one JSON body or as server-sent events. Errors always have the
-`{"error": {...}}` shape; an unexpected exception is a 500 for that request only.
+Routes are served under "", "/v1" and "/beta" (docs/api.md#paths). A request is validated (protocol.py), its key
+authenticated and admitted (admission.py), turned into prompt ids and SamplingParams (inputs.py), and handed to
+the engine thread (async_engine.py) through `Service.generate` (service.py); the routes (chat.py, completions.py)
+answer with one JSON body or server-sent events, formatted by openai_format.py. Errors always have the
+`{"error": {...}}` shape (docs/api.md#errors); an unexpected exception is a 500 for that request only.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv3.infer.engine import Engine, RequestOutput
-from dsv3.infer.sampler import SamplingParams, TokenLogprobs
-from dsv3.serve.async_engine import AsyncEngine, EngineError
-from dsv3.serve.metrics import Metrics
-from dsv3.infer.structured import Structured
-from dsv3.serve.parsing import OutputParser
-from dsv3.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from dsv3.tokenizer import THINK, THINK_END, fim_prompt
+from dsv3.infer.engine import Engine
+from dsv3.serve import chat, completions
+from dsv3.serve.openai_format import validation_error
+from dsv3.serve.protocol import APIError
+from dsv3.serve.service import ServerConfig, Service, caller
 
+__all__ = ["ServerConfig", "create_app"]  # how a server is made: create_app(engine, ServerConfig(...))
 log = logging.getLogger("dsv3.serve")
-ALIASES = ("deepseek-chat", "deepseek-reasoner")
-# Pydantic error types that mean "a value out of its allowed range" (422); the rest are shape errors (400).
-_VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
-                 "value_error", "literal_error", "enum", "multiple_of", "string_too_long", "string_too_short"}
 
-
-@dataclass
-class ServerConfig:
-    model_name: str
-    api_keys: frozenset[str] = frozenset()  # empty: no authentication
-    max_concurrent_per_key: int = 64  # requests in flight per key (or per server without keys): then 429
-    max_queue: int = 512  # requests in the engine, all keys together: then 503
-    max_request_bytes: int = 4 << 20
-    max_n: int = 16
-    default_max_tokens: int = 4096  # API.md; bounded by the context left
-    fim_max_tokens: int = 4096
-    keepalive_s: float = 15.0
-    reasoning: bool | None = None  # the model thinks in <think>; None: when its chat template mentions </think>
-    prefixes: tuple[str, ...] = ("", "/v1", "/beta")  # every route is served under each
-    in_flight: Counter = field(default_factory=Counter)
+router = APIRouter()  # every route but the chat page, served under each of config.prefixes
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    tok = engine.tokenizer
-    aengine = AsyncEngine(engine)
-    if config.reasoning is None:
-        config.reasoning = THINK_END in str(tok.config.get("chat_template") or "")
-    fingerprint = f"fp_dsv3_{engine.pool.seed.hex()[:10]}"
-    max_len = engine.max_len
-    grammars = Structured(tok, engine.model.config.vocab_size)
-    metrics = Metrics(engine)
+    service = Service.build(engine, config)
+    app = FastAPI(title="dsv3", description="DeepSeek/OpenAI-compatible API over the dsv3 engine", lifespan=_lifespan)
+    app.state.service, app.state.engine, app.state.config = service, service.engine, config
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_middleware(RequestGuard, max_request_bytes=config.max_request_bytes, requests=service.metrics.requests)
+    app.get("/", include_in_schema=False)(chat_page)
+    for prefix in config.prefixes:
+        app.include_router(router, prefix=prefix)
+    return app
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        aengine.start()
-        yield
-        aengine.shutdown()  # cancel what still runs, flush the prefix cache to disk
 
-    app = FastAPI(title="dsv3", description="DeepSeek/OpenAI-compatible API over the dsv3 engine", lifespan=lifespan)
-    app.state.engine, app.state.config = aengine, config
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    app.state.engine.start()
+    yield
+    app.state.engine.shutdown()  # cancel what still runs, flush the prefix cache to disk
 
-    # ---- errors --------------------------------------------------------------------------------------------
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):  # 404, 405, ... in the same shape
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
-                            headers=e.headers)
+# ---- routes beside the completions ----------------------------------------------------------------------------
+@router.get("/models")
+async def models(request: Request, key: str = Depends(caller)):
+    service: Service = request.app.state.service
+    return {"object": "list", "data": [{"id": service.config.model_name, "object": "model", "created": 0,
+                                        "owned_by": "dsv3", "context_length": service.max_len}]}
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        if any(err["type"] == "json_invalid" for err in errors):
-            return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
-        err = errors[0]
-        loc = [str(x) for x in err["loc"] if x != "body"]
-        param = ".".join(loc) or None
-        status = 422 if err["type"] in _VALUE_ERRORS and param else 400  # a whole-request rule: the shape
-        msg = f"{param}: {err['msg']}" if param else err["msg"]
-        return JSONResponse(APIError(status, msg, param=param).body(), status_code=status)
 
-    async def _size_limit_and_count(scope, receive, send, inner):
-        # A plain ASGI wrapper (Starlette's @app.middleware pipes every streamed chunk through a task group and a
-        # memory stream of its own).
+@router.get("/health")
+async def health(request: Request):
+    return {"status": "ok", "requests": request.app.state.engine.num_requests}
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+    return Response(request.app.state.service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(chat.router)
+router.include_router(completions.router)
+
+
+async def chat_page():
+    return FileResponse(Path(__file__).parent / "static" / "chat.html", media_type="text/html")
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+async def _api_error(request: Request, e: APIError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException):  # 404, 405, ... in the same shape
+    return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code, headers=e.headers)
+
+
+async def _invalid(request: Request, e: RequestValidationError):
+    error = validation_error(e.errors())
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _internal_error(e: Exception) -> JSONResponse:
+    rid = uuid.uuid4().hex[:12]
+    log.error("internal error (%s): %s: %s", rid, type(e).__name__, e, exc_info=e)
+    return JSONResponse(APIError(500, f"internal error (reference {rid})", type="server_error").body(),
+                        status_code=500)
+
+
+class RequestGuard:
+    """ASGI middleware around the app: a body whose Content-Length is over the limit is a 400 before any route
+    reads it; an exception a route did not handle is a 500 for that request only (the server goes on); every
+    response is counted by route and status. Plain ASGI, because Starlette's @app.middleware pipes every streamed
+    chunk through a task group and a memory stream of its own."""
+
+    def __init__(self, app, max_request_bytes: int, requests):
+        self.app, self.max_request_bytes, self.requests = app, max_request_bytes, requests
+
+    async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
-            return await inner(scope, receive, send)
+            return await self.app(scope, receive, send)
         status = None
 
         async def send_counted(message):
@@ -112,389 +122,15 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
         size = dict(scope["headers"]).get(b"content-length", b"").decode()
         try:
-            if size.isdigit() and int(size) > config.max_request_bytes:
-                body = APIError(400, f"request body of {size} bytes is over the limit of {config.max_request_bytes}")
+            if size.isdigit() and int(size) > self.max_request_bytes:
+                body = APIError(400, f"request body of {size} bytes is over the limit of {self.max_request_bytes}")
                 await JSONResponse(body.body(), status_code=400)(scope, receive, send_counted)
             else:
-                await inner(scope, receive, send_counted)
-        except Exception as e:  # a 500 for this request; the server goes on
+                await self.app(scope, receive, send_counted)
+        except Exception as e:
             if status is not None:  # the response had begun: all that is left is to end it
                 raise
             await _internal_error(e)(scope, receive, send_counted)
         finally:
             route = scope.get("route")
-            metrics.requests.labels(route.path if route else "unmatched", str(status or 500)).inc()
-
-    app.add_middleware(_ASGIWrapper, handler=_size_limit_and_count)
-
-    # ---- auth and admission --------------------------------------------------------------------------------
-    def caller(request: Request) -> str:
-        """The API key of the request ('' without keys); 401 when keys are required and this one is not one."""
-        if not config.api_keys:
-            return ""
-        header = request.headers.get("authorization", "")
-        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if key not in config.api_keys:
-            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                           type="authentication_error", code="invalid_api_key")
-        return key
-
-    def admit(key: str) -> None:
-        if config.in_flight[key] >= config.max_concurrent_per_key:
-            raise APIError(429, f"too many concurrent requests for this key (limit {config.max_concurrent_per_key})",
-                           type="rate_limit_error", code="rate_limit_exceeded")
-        if aengine.num_requests >= config.max_queue:
-            raise APIError(503, "the server is overloaded; retry later", type="server_error", code="overloaded")
-
-    def check_model(name: str) -> None:
-        if name not in (config.model_name, *ALIASES):
-            raise APIError(400, f"model {name!r} is not served here (this server serves {config.model_name!r})",
-                           param="model", code="model_not_found")
-
-    def budget(prompt_len: int, asked: int | None, cap: int) -> int:
-        left = max_len - prompt_len
-        if asked is None:
-            if left < 1:
-                raise APIError(400, f"the prompt has {prompt_len} tokens; the model's context length is {max_len}")
-            return min(cap, left)
-        if prompt_len + asked > max_len:
-            raise APIError(400, f"the prompt has {prompt_len} tokens and max_tokens is {asked}: together over the "
-                                f"model's context length of {max_len} tokens", param="max_tokens")
-        return asked
-
-    def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if req.n > config.max_n:
-            raise APIError(422, f"n={req.n} is over this server's limit of {config.max_n}", param="n")
-        return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
-                              frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
-                              stop=req.stop or [], seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos)
-
-    async def run(request: Request, key: str, rid: str, prompt_ids: list[int], params: SamplingParams,
-                  stream: bool) -> AsyncIterator[RequestOutput | None]:
-        """The engine's outputs for one request, counted against the key while in flight, logged once."""
-        config.in_flight[key] += 1
-        metrics.prompt_tokens.inc(len(prompt_ids))
-        t0, last = time.perf_counter(), None
-        t_tok = None  # when the latest token arrived
-        try:
-            async for out in aengine.generate(rid, prompt_ids, params, config.keepalive_s if stream else None):
-                new = sum(len(c.delta_token_ids) for c in out.outputs) if out else 0
-                if new:
-                    now = time.perf_counter()
-                    if t_tok is None:
-                        metrics.ttft.observe(now - t0)
-                    else:
-                        metrics.itl.observe((now - t_tok) / new)
-                    t_tok = now
-                    metrics.generation_tokens.inc(new)
-                last = out or last
-                yield out
-        finally:
-            config.in_flight[key] -= 1
-            done = last is not None and last.finished
-            n_out = sum(len(c.token_ids) for c in last.outputs) if last else 0
-            log.info("%s prompt=%d cached=%d completion=%d %s %.3fs", rid, len(prompt_ids),
-                     last.num_cached_tokens if last else 0, n_out, "done" if done else "cancelled",
-                     time.perf_counter() - t0)
-
-    def usage(runs: list[tuple[int, RequestOutput]], reasoning_tokens: int = 0) -> dict:
-        """Usage of one or more engine requests, given as (prompt length, final output)."""
-        prompt_len = sum(n for n, _ in runs)
-        completion = sum(len(c.token_ids) for _, last in runs for c in last.outputs)
-        hit = sum(last.num_cached_tokens for _, last in runs)
-        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
-                "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_len - hit,
-                "prompt_tokens_details": {"cached_tokens": hit},
-                "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
-
-    def token_text(t: int) -> str:
-        return tok.decode([t])
-
-    def chat_logprobs(entries: list[TokenLogprobs]) -> dict:
-        def one(t: int, lp: float) -> dict:
-            s = token_text(t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-        return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
-                            for e in entries]}
-
-    # ---- routes --------------------------------------------------------------------------------------------
-    router = APIRouter()
-
-    @router.get("/models")
-    async def models(key: str = Depends(caller)):
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "dsv3", "context_length": max_len}]}
-
-    @router.get("/health")
-    async def health():
-        return {"status": "ok", "requests": aengine.num_requests}
-
-    @router.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @router.post("/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request, key: str = Depends(caller)):
-        check_model(req.model)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
-        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if choice != "none" else []
-        if choice not in (None, "none", "auto") and not tools:
-            raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
-        if isinstance(choice, dict) and choice["function"].get("name") not in {t["function"]["name"] for t in tools}:
-            raise APIError(400, f"tool_choice names {choice['function'].get('name')!r}, which is not among the tools",
-                           param="tool_choice")
-        json_mode = req.response_format is not None and req.response_format.type == "json_object"
-        if json_mode and tools:
-            raise APIError(400, "response_format json_object cannot be combined with tools", param="response_format")
-        try:
-            ids = tok.apply_chat_template(messages, tools=tools or None, tokenize=True)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
-        thinking = bool(config.reasoning) and tok.decode(ids[-8:]).rstrip().endswith(THINK)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling(req, budget(len(ids), req.max_tokens, config.default_max_tokens), logprobs)
-        # Constrained decoding: JSON mode; tool calls when a call is demanded or a tool is strict (its
-        # arguments must match its schema); plain `auto` tools are parsed, not constrained.
-        if json_mode:
-            params.grammar = grammars.json_object()
-        elif tools and (choice == "required" or isinstance(choice, dict)
-                        or any(t["function"].get("strict") for t in tools)):
-            try:
-                params.grammar = grammars.tool_calls(tools, choice or "auto", bool(config.reasoning))
-            except Exception as e:  # a parameters schema the grammar compiler rejects
-                raise APIError(400, f"tools: cannot constrain calls to these parameter schemas ({e})",
-                               param="tools") from e
-        admit(key)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
-
-        parsers = [OutputParser(bool(config.reasoning), thinking, bool(tools)) for _ in range(params.n)]
-
-        def finish(c, calls) -> str:
-            return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
-
-        if not req.stream:
-            last = await _until_disconnect(request, _last(run(request, key, rid, ids, params, False)))
-            choices, thought = [], 0
-            for c, parser in zip(last.outputs, parsers):
-                reasoning, content, calls = parser.parse(c.text, True)
-                thought += len(tok.encode(reasoning)) if reasoning else 0
-                message = {"role": "assistant", "content": content or (None if calls else "")}
-                if config.reasoning:
-                    message["reasoning_content"] = reasoning
-                if calls:
-                    message["tool_calls"] = [{"id": parser.call_id(i), "type": "function",
-                                              "function": {"name": x.name, "arguments": x.arguments}}
-                                             for i, x in enumerate(calls)]
-                choices.append({"index": c.index, "message": message, "finish_reason": finish(c, calls),
-                                "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None})
-            return head | {"object": "chat.completion", "choices": choices, "usage": usage([(len(ids), last)], thought)}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def events():
-            def chunk(choices, **extra) -> str:
-                body = head | {"object": "chat.completion.chunk", "choices": choices} | extra
-                if include_usage and "usage" not in extra:
-                    body["usage"] = None
-                return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-            n_lp = [0] * params.n
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(params.n)])
-            last = None
-            try:
-                async for out in run(request, key, rid, ids, params, True):
-                    if out is None:
-                        yield ": keep-alive\n\n"
-                        continue
-                    last = out
-                    choices, finished = [], []
-                    for c in out.outputs:
-                        if c.finish_reason is None and not c.delta_token_ids:
-                            continue
-                        parser = parsers[c.index]
-                        delta = parser.delta(c.text, c.finish_reason is not None)
-                        lp = None
-                        if c.logprobs is not None:
-                            lp, n_lp[c.index] = chat_logprobs(c.logprobs[n_lp[c.index]:]), len(c.logprobs)
-                        if delta or lp:
-                            choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None})
-                        if c.finish_reason is not None:  # the last chunk of a choice: empty delta, finish_reason
-                            finished.append({"index": c.index, "delta": {}, "logprobs": None,
-                                             "finish_reason": finish(c, parser.args)})
-                    for choices in (choices, finished):
-                        if choices:
-                            yield chunk(choices)
-            except EngineError as e:
-                yield _stream_error(e)
-                return
-            if include_usage and last is not None:
-                thought = sum(len(tok.encode(p.sent[0])) for p in parsers if p.sent[0])
-                yield chunk([], usage=usage([(len(ids), last)], thought))
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    @router.post("/completions")
-    async def completions(req: CompletionRequest, request: Request, key: str = Depends(caller)):
-        check_model(req.model)
-        raw = req.prompt
-        prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
-        if len(prompts) > config.max_n:
-            raise APIError(422, f"{len(prompts)} prompts is over this server's limit of {config.max_n}",
-                           param="prompt")
-        cap = config.fim_max_tokens if req.suffix is not None else config.default_max_tokens
-        jobs = []  # (prompt ids, prompt text for echo)
-        for p in prompts:
-            if isinstance(p, str):
-                text = fim_prompt(p, req.suffix) if req.suffix is not None else p
-                jobs.append((tok.encode(text, add_bos=True), p))
-            else:
-                if not p:
-                    raise APIError(422, "a token-id prompt must not be empty", param="prompt")
-                if req.suffix is not None:
-                    raise APIError(400, "suffix (FIM) needs the prompt as text", param="suffix")
-                if any(not 0 <= t < engine.model.config.vocab_size for t in p):
-                    raise APIError(422, "prompt token ids must be in the vocabulary", param="prompt")
-                jobs.append((list(p), tok.decode(p)))
-        params = [sampling(req, budget(len(ids), req.max_tokens, cap), req.logprobs) for ids, _ in jobs]
-        admit(key)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": created, "model": req.model, "system_fingerprint": fingerprint}
-        n = req.n
-
-        def logprobs_of(entries: list[TokenLogprobs], offset: int) -> dict:
-            tokens = [token_text(e.token_id) for e in entries]
-            offsets, at = [], offset
-            for t in tokens:
-                offsets.append(at)
-                at += len(t)
-            return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                    "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
-                    "text_offset": offsets}
-
-        streams = [run(request, key, f"{rid}-{i}", ids, sp, req.stream) for i, ((ids, _), sp) in
-                   enumerate(zip(jobs, params))]
-        if not req.stream:
-            lasts = await _until_disconnect(request, asyncio.gather(*(_last(s) for s in streams)))
-            choices = []
-            for i, ((ids, text), last) in enumerate(zip(jobs, lasts)):
-                echo = text if req.echo else ""
-                for c in last.outputs:
-                    lp = logprobs_of(c.logprobs, len(echo)) if c.logprobs is not None else None
-                    choices.append({"index": i * n + c.index, "text": echo + c.text, "logprobs": lp,
-                                    "finish_reason": c.finish_reason})
-            total = usage([(len(ids), last) for (ids, _), last in zip(jobs, lasts)])
-            return head | {"object": "text_completion", "choices": choices, "usage": total}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def events():
-            queue: asyncio.Queue = asyncio.Queue()
-
-            async def pump(i, s):
-                try:
-                    async for out in s:
-                        await queue.put((i, out))
-                except EngineError as e:
-                    await queue.put((i, e))
-                finally:
-                    await queue.put((i, StopAsyncIteration()))
-
-            tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-            try:
-                lasts, emitted, live = [None] * len(jobs), {}, len(tasks)
-                while live:
-                    i, out = await queue.get()
-                    if isinstance(out, StopAsyncIteration):
-                        live -= 1
-                        continue
-                    if out is None:
-                        yield ": keep-alive\n\n"
-                        continue
-                    if isinstance(out, EngineError):
-                        yield _stream_error(out)
-                        return
-                    lasts[i] = out
-                    choices = []
-                    for c in out.outputs:
-                        idx = i * n + c.index
-                        first = idx not in emitted
-                        text = (jobs[i][1] if req.echo and first else "") + c.delta_text
-                        lp = None
-                        if c.logprobs is not None:
-                            lp = logprobs_of(c.logprobs[emitted.get(idx, 0):], 0)
-                            emitted[idx] = len(c.logprobs)
-                        else:
-                            emitted[idx] = 0
-                        if text or c.finish_reason is not None:
-                            choices.append({"index": idx, "text": text, "logprobs": lp,
-                                            "finish_reason": c.finish_reason})
-                    if choices:
-                        yield f"data: {json.dumps(head | {'object': 'text_completion', 'choices': choices})}\n\n"
-                if include_usage and all(lasts):
-                    total = usage([(len(ids), last) for (ids, _), last in zip(jobs, lasts)])
-                    body = head | {"object": "text_completion", "choices": [], "usage": total}
-                    yield f"data: {json.dumps(body)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                for t in tasks:
-                    t.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    @app.get("/", include_in_schema=False)
-    async def chat_page():
-        return FileResponse(Path(__file__).parent / "static" / "chat.html", media_type="text/html")
-
-    for prefix in config.prefixes:
-        app.include_router(router, prefix=prefix)
-    return app
-
-
-class _ASGIWrapper:
-    """`handler(scope, receive, send, inner)` around the rest of the app, as ASGI middleware."""
-
-    def __init__(self, app, handler):
-        self.app, self.handler = app, handler
-
-    async def __call__(self, scope, receive, send):
-        await self.handler(scope, receive, send, self.app)
-
-
-def _internal_error(e: Exception) -> JSONResponse:
-    rid = uuid.uuid4().hex[:12]
-    log.error("internal error (%s): %s: %s", rid, type(e).__name__, e, exc_info=e)
-    return JSONResponse(APIError(500, f"internal error (reference {rid})", type="server_error").body(),
-                        status_code=500)
-
-
-def _stream_error(e: Exception) -> str:
-    """A failure after a stream began (its 200 is sent): an error event, as OpenAI's streams carry them."""
-    log.error("stream failed: %s: %s", type(e).__name__, e, exc_info=e)
-    return f"data: {json.dumps(APIError(500, str(e), type='server_error').body())}\n\n"
-
-
-async def _last(stream: AsyncIterator[RequestOutput | None]) -> RequestOutput:
-    last = None
-    async for out in stream:
-        last = out or last
-    if last is None or not last.finished:
-        raise EngineError("the request ended without a result")
-    return last
-
-
-async def _until_disconnect(request: Request, awaitable):
-    """Await `awaitable`, cancelling it (and so its engine requests) if the client goes away first."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise APIError(499, "client disconnected")
-    finally:
-        task.cancel()
+            self.requests.labels(route.path if route else "unmatched", str(status or 500)).inc()

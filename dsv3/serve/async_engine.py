@@ -8,8 +8,8 @@ requests that were running, is logged, and the thread goes on serving.
 
 Which thread: `start()` makes one (tests, an app served from a thread); `dsv3 serve` instead drives the engine
 from the process's main thread (`drive()`) and serves HTTP from another. NOTE: on a CPU, torch's OpenMP ops issued
-from a thread other than the main one pay ~70 us more per parallel region (libgomp; measured with 2 threads: a
-64x256x256 matmul 27 -> 105 us), which made a tiny-576 decode step 15 -> 28 ms.
+from a thread other than the main one pay a fixed cost per parallel region (libgomp), which slows a small model's
+decode step markedly (measured: docs/inference.md#cpu-engine).
 """
 from __future__ import annotations
 

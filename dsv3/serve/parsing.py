@@ -46,7 +46,7 @@ class Call:
 
 
 def split_tool_calls(text: str, final: bool) -> tuple[str, list[Call]]:
-    """(content, calls) of DeepSeek's tool-call layout (API.md): content, then <｜tool▁calls▁begin｜> and per
+    """(content, calls) of DeepSeek's tool-call layout (docs/api.md#chat-template): content, then <｜tool▁calls▁begin｜> and per
     call <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>. A call appears once
     its name is complete; its arguments grow as they arrive."""
     if TOOL_CALLS_BEGIN not in text:

@@ -1,4 +1,4 @@
-"""Request bodies of the API (../shared/API.md) as pydantic models, and the error shape.
+"""Request bodies of the API (docs/api.md) as pydantic models, and the error shape (docs/api.md#errors).
 
 Field rules live here as constraints, so FastAPI rejects a bad request before it reaches the engine: a value out
 of its range is a 422 naming the parameter; a malformed body or a wrong shape is a 400. Unknown fields are

@@ -66,7 +66,7 @@ def run(args) -> None:
         disk_cache_dir=args.cache_dir, disk_cache_bytes=int(args.cache_disk_gb * 2**30)))
     engine.warmup()
     # Everything loaded so far lives as long as the server: out of the cyclic collector's sight, so that a full
-    # collection no longer walks it (the ones while loading tiny-576 took up to 127 ms, every thread waiting).
+    # collection, which stops every thread, no longer walks it (measured: docs/serving.md#results).
     gc.collect()
     gc.freeze()
     config = ServerConfig(model_name=args.model_name or default_model_name(ckpt), api_keys=frozenset(keys),
