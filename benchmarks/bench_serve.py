@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,17 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import dsv3  # noqa: E402
 from dsv3.tokenizer import Tokenizer  # noqa: E402
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from serve_load import load, wait_ready  # noqa: E402
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from dsv3.serve.load import free_port, load, wait_ready  # noqa: E402
 
 
 def serve_and_load(cmd: list[str], port: int, args, env=None) -> dict:

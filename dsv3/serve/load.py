@@ -1,9 +1,12 @@
-"""Load on an OpenAI-compatible server: N concurrent clients, each sending streaming chat requests back to back
-for T seconds. Measures time to first token (first content byte), the gaps between content chunks (inter-token
-latency), completion tokens/s, failures, and checks that every stream ends with `data: [DONE]`. Used by
-tests/test_serve_load.py (bounded, loopback) and bench_serve.py.
+"""Load on an OpenAI-compatible server (`dsv3 serve` or any other): N concurrent clients, each sending streaming chat
+requests back to back for T seconds. Measures time to first token (first content byte), the gaps between content
+chunks (inter-token latency), completion tokens/s, failures, and checks that every stream ends with `data: [DONE]`.
+Also the two steps before a load: a free port to start a server on, and waiting until it answers.
 
-  python benchmarks/serve_load.py http://127.0.0.1:8000/v1 MODEL --clients 8 --seconds 20 --max-tokens 32
+  python -m dsv3.serve.load http://127.0.0.1:8000/v1 MODEL --clients 8 --seconds 20 --max-tokens 32
+
+Needs httpx (in the `dev` extra; `pip install httpx`). Used by tests/test_serve_load.py (bounded, loopback),
+benchmarks/serve/under_load.py and scripts/editor_fim_check.py.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import gc
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -86,10 +90,18 @@ async def load(url: str, model: str, clients: int = 8, seconds: float = 20.0, ma
 
 
 def rss_mib(pid: int) -> float:
+    """Resident memory of a process (e.g. the server under load), MiB; Linux."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server about to start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300.0, headers: dict | None = None) -> None:
