@@ -39,10 +39,11 @@ FILE_NAME = re.compile(r"(?P<name>[a-z0-9][a-z0-9_.-]*)_(?P<device>[a-z0-9-]+)_(
                        r"(?:-(?P<n>[2-9]|[1-9][0-9]+))?\.json")
 
 
-def device_name() -> str:
-    """The GPU torch sees, else "cpu: MODEL, N cores" (the cores this process may use)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def device_name(device: str = "cuda") -> str:
+    """The GPU torch sees (for a run on `device` "cuda"), else "cpu: MODEL, N cores" (the cores this process may
+    use)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
     model = platform.processor() or "unknown model"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():

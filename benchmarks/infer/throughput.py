@@ -2,26 +2,24 @@
 lengths uniform in [100, 1024], temperature 0.6, EOS ignored; one `LLM.generate` call timed after a warm-up;
 throughput = output tokens / seconds.
 
-  python benchmarks/bench_throughput.py --preset bench-684m        # an H100 (random bf16 weights)
-  python benchmarks/bench_throughput.py --preset tiny --num-seqs 16 --max-len 128   # CPU smoke run
-Writes benchmarks/results/bench_throughput_<preset>_<device>.json.
+  python -m benchmarks.infer.throughput --preset bench-684m        # an H100 (random bf16 weights)
+  python -m benchmarks.infer.throughput --preset tiny --num-seqs 16 --max-len 128   # CPU smoke run
+Results: docs/inference.md#decode-speed; saved as benchmarks/results/infer/throughput-<preset>_<device>_<date>.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsv3 import LLM, EngineConfig, SamplingParams, preset  # noqa: E402
-from dsv3.data.bpe import train_bpe  # noqa: E402
-from dsv3.data.corpus import read_documents  # noqa: E402
-from dsv3.io.hf import build_model  # noqa: E402
+from benchmarks.results import save
+from dsv3 import LLM, EngineConfig, SamplingParams, preset
+from dsv3.data.bpe import train_bpe
+from dsv3.data.corpus import read_documents
+from dsv3.io.hf import build_model
 
 
 def main():
@@ -62,9 +60,7 @@ def main():
          "kv_blocks": llm.engine.pool.num_blocks}
     print(f"| {args.preset} | {args.num_seqs} seqs | {produced} output tokens | {seconds:.2f} s | "
           f"{produced / seconds:,.0f} tok/s |")
-    out = Path(__file__).parent / "results" / f"bench_throughput_{args.preset}_{device}.json"
-    out.write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name() if device == "cuda"
-                               else "cpu", "torch": torch.__version__, "results": r}, indent=2) + "\n")
+    save(__file__, args, r, tag=args.preset)
 
 
 if __name__ == "__main__":

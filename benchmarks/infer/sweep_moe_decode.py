@@ -1,22 +1,23 @@
 """Block sizes for the routed experts' decode kernels (GPU): each setting of `moe_decode.GATE_UP` / `DOWN` timed on
 bench-684m's shapes at batch 1 and 32 (6 of 64 experts per token), 11 layers' weights in turn so that L2 holds no
-layer between its calls, as in a decode step; CUDA-graph timing. Prints a table, writes
-benchmarks/results/sweep_moe_decode.json
-(kept per card as sweep_moe_decode_<card>.json).
+layer between its calls, as in a decode step; CUDA-graph timing. Prints the fastest five per kernel and batch and
+the current defaults.
+
+    python -m benchmarks.infer.sweep_moe_decode
+Results: docs/inference.md#decode-speed; saved as benchmarks/results/infer/sweep_moe_decode_<device>_<date>.json.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
-import json
 import sys
-from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsv3.kernels import moe_decode  # noqa: E402
+from benchmarks.results import save
+from dsv3.kernels import moe_decode
 
 E, D, F, K, LAYERS = 64, 1024, 256, 6, 11
 
@@ -33,7 +34,7 @@ def case(N, g):
     return w1, w2, x, idx.argsort(stable=True), offs, ws, True
 
 
-def main():
+def sweep():
     g = torch.Generator().manual_seed(0)
     rows = []
     for N in (1, 32):
@@ -71,8 +72,14 @@ def main():
             now = [r for r in rows if r["kernel"] == kern and r["batch"] == N
                    and all(r[k] == v for k, v in cur.items())]
             print("    current default:", round(now[0]["us"], 2) if now else None, "us")
-    out = Path(__file__).parent / "results" / "sweep_moe_decode.json"
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1) + "\n")
+    return rows
+
+
+def main():
+    args = argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks.infer.sweep_moe_decode times Triton kernels: it needs a GPU")
+    save(__file__, args, {"rows": sweep()})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ greedy, EOS ignored. Each side's `generate` call is timed (model loading exclude
 that time. vLLM runs in its own venv (`bash scripts/vllm_venv.sh`), with the rope override tests/test_vllm.py
 explains.
 
-  python benchmarks/bench_engine_cpu.py [--dtype bfloat16|float32]
-Writes benchmarks/results/bench_engine_cpu_<dtype>.json.
+  bash scripts/vllm_venv.sh && python -m benchmarks.infer.engine_cpu [--dtype bfloat16|float32]
+Results: docs/inference.md#cpu-engine; saved as benchmarks/results/infer/engine_cpu-<dtype>_cpu_<date>.json.
 """
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import dsv3  # noqa: E402
-from dsv3.data.bpe import train_bpe  # noqa: E402
-from dsv3.data.corpus import read_documents  # noqa: E402
+import dsv3
+from benchmarks.results import REPO, device_name, save
+from dsv3.data.bpe import train_bpe
+from dsv3.data.corpus import read_documents
 
 VLLM_SCRIPT = """
 import json, sys, time
@@ -98,9 +97,8 @@ def main():
                     "first_request_greedy_agreement": agree}
         print(f"vllm-cpu: {v['tokens']} tokens in {v['seconds']:.1f} s = {v['tokens_per_s']:,.0f} tokens/s; "
               f"dsv3 / vllm = {results['over_vllm']:.2f}x", flush=True)
-    out = Path(__file__).parent / "results" / f"bench_engine_cpu_{args.dtype}.json"
-    out.write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "results": results}, indent=2) + "\n")
+    results["threads"] = torch.get_num_threads()
+    save(__file__, args, results, tag=args.dtype, device=device_name("cpu"))
 
 
 if __name__ == "__main__":

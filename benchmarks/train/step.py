@@ -8,30 +8,27 @@ in its own loop after `--warmup` untimed steps; reported: tokens/s, ms/step, pea
 reset per model; CPU: the process's max RSS so far, which only grows) and, on CUDA, MFU against 989 TFLOP/s
 (H100 bf16 dense) with dsv3.info's training FLOPs/token (6·N_active + 6·L·H·(Dqk + Dv)·T, causal).
 
-  python benchmarks/bench_forward.py --preset tiny --steps 5 --warmup 2                  # CPU, fp32, 4 x 256
-  python benchmarks/bench_forward.py --preset tiny --batch-size 16 --dtype amp            # CPU, bf16 autocast
-  python benchmarks/bench_forward.py --preset bench-684m --batch-size 8 --seq-len 2048   # CUDA, bf16
-Results go to benchmarks/results/bench_forward_<preset>_<device>.json.
+  python -m benchmarks.train.step --preset tiny --steps 5 --warmup 2                  # CPU, fp32, 4 x 256
+  python -m benchmarks.train.step --preset tiny --batch-size 16 --dtype amp            # CPU, bf16 autocast
+  python -m benchmarks.train.step --preset bench-684m --batch-size 8 --seq-len 2048   # CUDA, bf16
+Results: docs/training.md; saved as benchmarks/results/train/step-<preset>[-amp]_<device>_<date>.json.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from dsv3 import Transformer, preset  # noqa: E402
-from dsv3.info import model_stats  # noqa: E402
-from dsv3.train.loop import keep_freed_memory  # noqa: E402
-from dsv3.train.objective import next_token_loss  # noqa: E402
+from benchmarks.results import device_name, save
+from dsv3 import Transformer, preset
+from dsv3.info import model_stats
+from dsv3.train.loop import keep_freed_memory
+from dsv3.train.objective import next_token_loss
 
 PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense
 
@@ -76,7 +73,7 @@ def build_ours(cfg, device, dtype, compile_, keep_init):
 
 
 def build_peer(cfg, device, dtype, init_sd):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # a test oracle (dev extra): only with the peer
     d = cfg.to_hf_dict()
     while True:  # drop any key this transformers version rejects
         try:
@@ -200,17 +197,13 @@ def main():
         print(f"{name:<20}{r['tokens_per_s']:>12,.0f}{r['ms_per_step']:>10.1f}{r['peak_mem_gib']:>16.2f}{mfu:>8}"
               f"{ratio:>9}{r['first_loss']:>9.4f}")
 
-    import transformers
-    machine = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-               "torch": torch.__version__, "transformers": transformers.__version__,
-               "cpu_threads": torch.get_num_threads(), "python": platform.python_version()}
-    tag = f"{args.preset}_{device}" + ("_amp" if args.dtype == "amp" else "")
-    out = Path(__file__).parent / "results" / f"bench_forward_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "config": cfg.to_hf_dict(), "machine": machine,
-                               "training_flops_per_token": flops_per_token, "peer_impl": impl,
-                               "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+    versions = {"python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
+    if args.peer:
+        import transformers  # a test oracle (the dev extra), needed only with the peer
+        versions["transformers"] = transformers.__version__
+    save(__file__, args, {"models": results, "training_flops_per_token": flops_per_token, "peer_impl": impl,
+                          "config": cfg.to_hf_dict(), **versions},
+         tag=args.preset + ("-amp" if args.dtype == "amp" else ""), device=device_name(device))
 
 
 if __name__ == "__main__":

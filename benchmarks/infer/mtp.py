@@ -6,8 +6,8 @@ Prompts are windows of the shipped corpus's text (the model's own domain), greed
 
   dsv3 train --preset bench-684m --steps 300 --batch-size 16 --seq-len 2048 --vocab-size 32000 --lr 1e-3 \\
       --param-dtype bf16 --compile --out runs/mtp
-  python benchmarks/bench_mtp.py runs/mtp/checkpoints/step_0000300/model --batches 1,32
-Writes benchmarks/results/bench_mtp_<device>.json.
+  python -m benchmarks.infer.mtp runs/mtp/checkpoints/step_0000300/model --batches 1,32
+Results: docs/inference.md#mtp-speculation; saved as benchmarks/results/infer/mtp_<device>_<date>.json.
 """
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsv3 import Engine, EngineConfig, SamplingParams, load_model  # noqa: E402
-from dsv3.data.corpus import read_documents  # noqa: E402
-from dsv3.tokenizer import Tokenizer  # noqa: E402
+from benchmarks.results import save
+from dsv3 import Engine, EngineConfig, SamplingParams, load_model
+from dsv3.data.corpus import read_documents
+from dsv3.tokenizer import Tokenizer
 
 
 def decode(model, tok, prompts, new_tokens, spec):
@@ -30,7 +29,7 @@ def decode(model, tok, prompts, new_tokens, spec):
     engine.warmup()  # CUDA graphs recorded before the clock starts
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
-    outs, t_dec, n_dec = {}, 0.0, 0  # no device sync per step (see bench_decode.run_ours)
+    outs, t_dec, n_dec = {}, 0.0, 0  # no device sync per step (see benchmarks/infer/decode.run_ours)
     while engine.has_unfinished():
         pure = all(not s.in_prefill for s in engine.scheduler.running) and not engine.scheduler.waiting
         t = time.perf_counter()
@@ -69,9 +68,7 @@ def main():
         results[f"batch_{B}"] = {"plain": plain, "mtp": spec, "speedup": spec["decode_tokens_per_s"]
                                  / plain["decode_tokens_per_s"], "identical_outputs": f"{same}/{B}"}
         print(f"batch {B}: {json.dumps(results[f'batch_{B}'])}", flush=True)
-    out = Path(__file__).parent / "results" / f"bench_mtp_{device}.json"
-    out.write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name() if device == "cuda"
-                               else "cpu", "results": results}, indent=2) + "\n")
+    save(__file__, args, results)
 
 
 if __name__ == "__main__":

@@ -7,31 +7,29 @@ dynamic cache (its static cache + compile path crashes on this model), whole cal
 kernel against its torch reference in bf16, and the floor of a batch-1 step (bytes of activated weights + cache
 read, over the measured device copy bandwidth).
 
-  python benchmarks/bench_decode.py --preset bench-684m --batches 1,32,128        # an H100
-  python benchmarks/bench_decode.py --preset tiny --batches 1,8 --new-tokens 32   # CPU smoke run
-  python benchmarks/bench_decode.py --preset deepseek-v2-lite --batches 1 --no-peer --fp8-weights  # and FP8
-Writes benchmarks/results/bench_decode_<preset>_<device>.json.
+  python -m benchmarks.infer.decode --preset bench-684m --batches 1,32,128        # an H100
+  python -m benchmarks.infer.decode --preset tiny --batches 1,8 --new-tokens 32 --prompt-len 32   # CPU smoke run
+  python -m benchmarks.infer.decode --preset deepseek-v2-lite --batches 1 --no-peer --new-tokens 128 --fp8-weights
+Results: docs/inference.md#decode-speed; saved as benchmarks/results/infer/decode-<preset>_<device>_<date>.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dsv3 import Engine, EngineConfig, SamplingParams, preset  # noqa: E402
-from dsv3.data.bpe import train_bpe  # noqa: E402
-from dsv3.data.corpus import read_documents  # noqa: E402
-from dsv3.info import model_stats  # noqa: E402
-from dsv3.io.hf import build_model  # noqa: E402
-from dsv3.infer.kv_cache import bytes_per_token  # noqa: E402
-from dsv3.kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
-from dsv3.model.moe import Experts  # noqa: E402
+from benchmarks.results import save
+from dsv3 import Engine, EngineConfig, SamplingParams, preset
+from dsv3.data.bpe import train_bpe
+from dsv3.data.corpus import read_documents
+from dsv3.info import model_stats
+from dsv3.infer.fp8_weights import fp8_weights
+from dsv3.infer.kv_cache import bytes_per_token
+from dsv3.io.hf import build_model
+from dsv3.kernels.mla_decode import mla_decode, mla_decode_reference
+from dsv3.model.moe import Experts
 
 
 def kernel_check(device):
@@ -70,6 +68,17 @@ def copy_bandwidth(device) -> float:
         y.copy_(x)
     torch.cuda.synchronize()
     return 2 * x.numel() * 10 / (time.perf_counter() - t)  # bytes read + written per second
+
+
+def batch1_floor(cfg, args, dtype, device) -> dict:
+    """The fastest a batch-1 step could be: the bytes it must read (activated weights + the mean cache) over the
+    device's copy bandwidth."""
+    stats = model_stats(cfg.replace(num_nextn_predict_layers=0), args.prompt_len + args.new_tokens)
+    weight_bytes = stats["active_params_without_embedding"] * 2  # a step reads one row of the embedding
+    cache_bytes = bytes_per_token(cfg, dtype) * (args.prompt_len + args.new_tokens // 2)
+    bw = copy_bandwidth(device)
+    return {"batch1_floor_ms": 1e3 * (weight_bytes + cache_bytes) / (bw / 2),  # bw counts read + write
+            "copy_bandwidth_GBps": bw / 1e9}
 
 
 def run_ours(model, tok, prompts, new_tokens, spec):
@@ -145,12 +154,7 @@ def main():
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
     results = {"kernel_rel_err_bf16": kernel_check(device) if device == "cuda" else None}
     if device == "cuda":
-        stats = model_stats(cfg.replace(num_nextn_predict_layers=0), args.prompt_len + args.new_tokens)
-        weight_bytes = stats["active_params_without_embedding"] * 2  # a step reads one row of the embedding
-        cache_bytes = bytes_per_token(cfg, dtype) * (args.prompt_len + args.new_tokens // 2)
-        bw = copy_bandwidth(device)
-        results["batch1_floor_ms"] = 1e3 * (weight_bytes + cache_bytes) / (bw / 2)  # bw counts read + write
-        results["copy_bandwidth_GBps"] = bw / 1e9
+        results |= batch1_floor(cfg, args, dtype, device)
     g = torch.Generator().manual_seed(1)
     batches = {int(b): torch.randint(2, tok.vocab_size, (int(b), args.prompt_len), generator=g).tolist()
                for b in args.batches.split(",")}
@@ -168,7 +172,6 @@ def main():
         if device == "cuda":
             torch.cuda.empty_cache()
     if args.fp8_weights:  # the same model, converted in place: e4m3 decoder weights, half the bytes a step reads
-        from dsv3.infer.fp8_weights import fp8_weights
         results["fp8_weights"] = fp8_weights(model)
         for B, prompts in batches.items():
             r = run_ours(model, tok, prompts, args.new_tokens, args.spec)
@@ -182,9 +185,7 @@ def main():
             results["batch1_step_ms"] = ms
             results["batch1_bandwidth_utilisation"] = results["batch1_floor_ms"] / ms
     print(json.dumps(results, indent=2))
-    out = Path(__file__).parent / "results" / f"bench_decode_{args.preset}_{device}.json"
-    out.write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name() if device == "cuda"
-                               else "cpu", "torch": torch.__version__, "results": results}, indent=2) + "\n")
+    save(__file__, args, results, tag=args.preset)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,33 @@
 """Where a decode step goes (GPU): the engine's step time (with and without overlapped decode) next to its CUDA graph's
 replay alone, and the kernels in a step by device time (torch.profiler), on the random-weight model of
-`bench_decode.py`. For comparison: `--no-split`, the decode kernel with one program per sequence; `--unfused`, the
-step without the small-batch fusions (routed experts through the grouped GEMM, separate projections, top-k by sort);
-`--pieces`, graphs recorded with compiled pieces of the model rather than its whole compiled forward.
+benchmarks/infer/decode.py. For comparison: `--no-split`, the decode kernel with one program per sequence;
+`--unfused`, the step without the small-batch fusions (routed experts through the grouped GEMM, separate
+projections, top-k by sort); `--pieces`, graphs recorded with compiled pieces of the model rather than its whole
+compiled forward.
 
-  python benchmarks/profile_decode.py --preset bench-684m --batches 1,32
-Prints a table per batch size; writes benchmarks/results/profile_decode_<preset>.json.
+  python -m benchmarks.infer.profile_decode --preset bench-684m --batches 1,32 [--no-split] [--unfused] [--pieces]
+Prints a table per batch size. Results: docs/inference.md#decode-speed; saved as
+benchmarks/results/infer/profile_decode-<preset>[-no-split][-unfused][-pieces]_<device>_<date>.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsv3 import Engine, EngineConfig, SamplingParams, preset  # noqa: E402
-from dsv3.data.bpe import train_bpe  # noqa: E402
-from dsv3.data.corpus import read_documents  # noqa: E402
-from dsv3.io.hf import build_model  # noqa: E402
-from dsv3.infer import cuda_graphs  # noqa: E402
-from dsv3.kernels import mla_decode, moe_decode  # noqa: E402
-from dsv3.model import moe  # noqa: E402
-from dsv3.model.transformer import Transformer  # noqa: E402
+from benchmarks.results import save
+from dsv3 import Engine, EngineConfig, SamplingParams, preset
+from dsv3.data.bpe import train_bpe
+from dsv3.data.corpus import read_documents
+from dsv3.infer import cuda_graphs
+from dsv3.io.hf import build_model
+from dsv3.kernels import mla_decode, moe_decode
+from dsv3.model import moe
+from dsv3.model.transformer import Transformer
 
 
 def steady_engine(model, tok, B, prompt_len, overlap):
@@ -48,7 +48,7 @@ def steady_engine(model, tok, B, prompt_len, overlap):
 
 
 def step_ms(engine, steps):
-    """Median wall time of engine.step() in steady decode (no device sync: see bench_decode.run_ours)."""
+    """Median wall time of engine.step() in steady decode (no device sync: see benchmarks/infer/decode.run_ours)."""
     walls = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -106,6 +106,8 @@ def main():
     p.add_argument("--unfused", action="store_true", help="grouped GEMM experts, separate projections, sort top-k")
     p.add_argument("--pieces", action="store_true", help="graphs with compiled pieces, not the whole forward")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks.infer.profile_decode profiles CUDA graphs: it needs a GPU")
     if args.no_split:
         mla_decode.num_splits = lambda *_: 1
     if args.pieces:
@@ -131,11 +133,9 @@ def main():
         print("host (self cpu us per step):")
         for name, us in r["top_host_self_us"]:
             print(f"{us:9.1f} us  {name[:90]}")
-    tags = "".join(f"_{t}" for t, on in (("no-split", args.no_split), ("unfused", args.unfused),
-                                                   ("pieces", args.pieces)) if on)
-    out = Path(__file__).parent / "results" / f"profile_decode_{args.preset}{tags}.json"
-    out.write_text(json.dumps({"args": vars(args), "device": torch.cuda.get_device_name(),
-                               "torch": torch.__version__, "results": results}, indent=1) + "\n")
+    tags = "".join(f"-{t}" for t, on in (("no-split", args.no_split), ("unfused", args.unfused),
+                                         ("pieces", args.pieces)) if on)
+    save(__file__, args, results, tag=args.preset + tags)
 
 
 if __name__ == "__main__":
