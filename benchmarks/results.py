@@ -144,6 +144,8 @@ def save(script: str, args, results, *, tag: str = "", device: str | None = None
     area = Path(script).resolve().parent.name
     if update is not None:
         path = Path(update)
+        rec["date"] = json.loads(path.read_text())["date"]  # the run's start, as its file name says
+        text = json.dumps(rec, indent=1, default=str) + "\n"
         _write(path, lambda tmp: tmp.write_text(text))
     else:
         name = re.sub(r"[^a-z0-9_.-]+", "-", (Path(script).stem + (f"-{tag}" if tag else "")).lower()).strip("-")

@@ -99,11 +99,15 @@ def test_a_second_run_the_same_day_gets_2_then_3(out):
     assert json.loads(paths[0].read_text())["notes"] == "n"
 
 
-def test_update_rewrites_the_same_file(out):
+def test_update_rewrites_the_same_file_keeping_the_runs_date(out):
     _, script = out
     path = writer.save(str(script), {}, {"models": 1})
+    first = json.loads(path.read_text())
+    first["date"] = "2026-01-31T23:59:59+00:00"  # as if the run had started before midnight
+    path.write_text(json.dumps(first))
     assert writer.save(str(script), {}, {"models": 2}, update=path) == path
-    assert json.loads(path.read_text())["results"] == {"models": 2} and len(list(path.parent.iterdir())) == 1
+    d = json.loads(path.read_text())
+    assert d["results"] == {"models": 2} and d["date"] == first["date"] and len(list(path.parent.iterdir())) == 1
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(out, monkeypatch):
