@@ -22,10 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_serve import free_port  # noqa: E402
-from serve_load import wait_ready  # noqa: E402
+from dsv3.serve.load import free_port, wait_ready
 
 KEY = "sk-local"
 SOURCE = '''def mean(xs):

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -206,10 +205,10 @@ def test_expert_parallel_dispatch_and_combine_match_one_process(tmp_path):
 
 
 def test_scaling_model_counts_the_rows_epexperts_sends():
-    """benchmarks/scaling_model.py's rows per token, against the expectation by hand: with one expert per rank, a
-    token's K experts are K distinct ranks and its own is among them with probability K/E, whatever the routing."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from scaling_model import rows_per_token
+    """The scaling model's rows per token (dsv3/train/scaling.py), against the expectation by hand: with one expert
+    per rank, a token's K experts are K distinct ranks and its own is among them with probability K/E, whatever the
+    routing."""
+    from dsv3.train.scaling import rows_per_token
 
     from dsv3.config import preset
     cfg = preset("bench-684m")  # 64 experts, top-6, group-limited to 4 of 8 groups

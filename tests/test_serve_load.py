@@ -6,14 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import dsv3
 from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import read_documents
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from serve_load import load, rss_mib, wait_ready  # noqa: E402
+from dsv3.serve.load import load, rss_mib, wait_ready
 
 
 def test_concurrent_streams_under_load(tmp_path):
