@@ -168,7 +168,7 @@ def main():
         if device == "cuda":
             torch.cuda.empty_cache()
     if args.fp8_weights:  # the same model, converted in place: e4m3 decoder weights, half the bytes a step reads
-        from dsv3.infer.fp8_weights import fp8_weights
+        from dsv3.fp8 import fp8_weights
         results["fp8_weights"] = fp8_weights(model)
         for B, prompts in batches.items():
             r = run_ours(model, tok, prompts, args.new_tokens, args.spec)

@@ -13,8 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv3.config import preset  # noqa: E402
-from dsv3.infer.fp8_weights import Fp8WeightExperts, Fp8WeightLinear, fp8_weights  # noqa: E402
-from dsv3.io.fp8 import dequantize_blocks  # noqa: E402
+from dsv3.fp8 import fp8_weights  # noqa: E402
+from dsv3.fp8.format import dequantize_blocks  # noqa: E402
+from dsv3.fp8.inference import Fp8WeightExperts, Fp8WeightLinear  # noqa: E402
 from dsv3.io.hf import build_model  # noqa: E402
 
 

@@ -452,8 +452,8 @@ def test_overlapped_decode_gives_the_plain_loops_outputs(model, tok):
 def test_fp8_weights_engine_equals_recomputation_with_the_dequantized_weights(tok):
     # FP8 weights at inference: the engine over e4m3 linears and routed experts gives exactly the greedy tokens of
     # a plain model holding the dequantized values (both float32 here, MTP speculation on), at 1 byte per weight.
-    from dsv3.infer.fp8_weights import Fp8WeightExperts, Fp8WeightLinear
-    from dsv3.io.fp8 import dequantize_blocks
+    from dsv3.fp8.format import dequantize_blocks
+    from dsv3.fp8.inference import Fp8WeightExperts, Fp8WeightLinear
     from dsv3.model.moe import Experts
     cfg = ModelConfig.from_hf_dict({"model_type": "deepseek_v3", **small_v3(vocab_size=576),
                                     "num_nextn_predict_layers": 1})

@@ -17,16 +17,13 @@ tests it on a CPU) and the torch reference otherwise.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
+from dsv3.kernels import triton, use_triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch reference serves
-    triton = None
 
 
 def mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale, buckets: int = 4):
@@ -118,10 +115,6 @@ if triton is not None:
         tl.store(out + b * s_o_b + h * s_o_h + c, o.to(out.dtype.element_ty), mask=c < C)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def num_splits(batch: int, heads: int, device: torch.device) -> int:
     """Splits of each sequence's tokens so that about two programs per multiprocessor run (flash-decoding): at
     batch 1 one program would walk the whole cache alone. A power of two, 1 to 16."""
@@ -135,7 +128,7 @@ def num_splits(batch: int, heads: int, device: torch.device) -> int:
 def mla_decode(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n: int = 32, splits: int | None = None):
     """(B, H, C) attention output over each sequence's cached latents; see the module docstring. `splits`: how
     many programs share one sequence's tokens (default: `num_splits`)."""
-    if not _use_triton(q_c):
+    if not use_triton(q_c):
         return mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale)
     return _mla_decode_triton(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n, splits or 0)
 

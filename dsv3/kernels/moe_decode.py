@@ -12,7 +12,7 @@ bench-684m decode step at batch 1 on an H100 spent 230 µs in CUTLASS's grouped 
 of each per layer), 122 µs in these two kernels. At most 16 rows (one token) need no sort: each program finds its
 expert's rows among them, which spared a batch-1 step 44 of its 400 kernels (1.030 -> 0.954 ms on an H100).
 
-With FP8 weights at inference (e4m3, 128×128 block scales: dsv3/infer/fp8_weights.py) each program widens its
+With FP8 weights at inference (e4m3, 128×128 block scales: dsv3/fp8/inference.py) each program widens its
 weight tiles as it loads them and scales each 128-wide slice of the reduction by its block's scale.
 
 `moe_ffn` runs these kernels on CUDA tensors (or under TRITON_INTERPRET=1, how CI tests them on a CPU).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.kernels.mla_decode import _use_triton, triton
+from dsv3.kernels import triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -124,7 +124,7 @@ def usable(x: torch.Tensor, rows: int, experts: int, fp8: bool = False) -> bool:
     """These kernels serve (rather than the grouped GEMM) inference steps whose experts have 8 rows or fewer on
     average: every program reads its block of weights once per 16 of its expert's rows. With FP8 weights, steps of
     any size: the alternative, a dequantized copy of a layer's experts, would not even fit for DeepSeek-V3."""
-    return _use_triton(x) and not torch.is_grad_enabled() and (fp8 or rows <= 8 * experts)
+    return use_triton(x) and not torch.is_grad_enabled() and (fp8 or rows <= 8 * experts)
 
 
 FEW = 16  # rows up to which the kernels take them unsorted (one chunk of BLOCK_M)

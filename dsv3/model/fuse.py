@@ -12,7 +12,7 @@ def fuse_rows(fused: torch.Tensor | None, *linears: nn.Linear) -> torch.Tensor:
     (an optimizer step, a load_state_dict) reach both; checkpoints write them as before. Training leaves the layers
     separate (modules use the fused matrix only without autograd). Call it once the model sits on its device and
     dtype: moving the model afterwards would part the two. Returns `fused` itself when the layers still share it,
-    and None when a layer is not a plain nn.Linear (FP8 weights at inference: dsv3/infer/fp8_weights.py)."""
+    and None when a layer is not a plain nn.Linear (FP8 weights at inference: dsv3/fp8/inference.py)."""
     if any(type(m) is not nn.Linear for m in linears):
         return None
     first = linears[0].weight

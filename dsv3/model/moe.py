@@ -120,7 +120,7 @@ class Experts(nn.Module):
 
     def weight_scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The 128×128 block scales of gate_up_proj and down_proj when they are e4m3 (FP8 weights at inference,
-        dsv3/infer/fp8_weights.py); None: they are plain weights."""
+        dsv3/fp8/inference.py); None: they are plain weights."""
         return None
 
     def forward(self, x_ND, w_NK, idx_NK):
@@ -130,7 +130,7 @@ class Experts(nn.Module):
         flat = idx_NK.flatten()  # (N·K,)
         triton_ffn = moe_decode.usable(x_ND, flat.numel(), E, fp8=scales is not None)
         if scales is not None and not triton_ffn:  # e4m3 weights without the kernels (a CPU): dequantized per call
-            from dsv3.io.fp8 import dequantize_blocks
+            from dsv3.fp8.format import dequantize_blocks
             w1, w2 = (dequantize_blocks(w, s).to(x_ND.dtype) for w, s in zip((w1, w2), scales))
         # One token (decode at batch 1): the kernels pick each expert's rows out of `flat`, no sort. (On N alone:
         # a torch.compile for N >= 2 then takes no guard on N here, and serves every batch size.)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.kernels.fp8 import fp8_weight_mm, quantize_blocks
+from dsv3.fp8.gemm import fp8_weight_mm
+from dsv3.fp8.quantize import quantize_blocks
 from dsv3.model.moe import Experts
 
 KEEP = ("kv_b_proj", "eh_proj")  # kv_b_proj: see the docstring; eh_proj is bf16 in DeepSeek's checkpoints too
