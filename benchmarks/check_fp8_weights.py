@@ -37,7 +37,7 @@ def main():
             if isinstance(m, Fp8WeightLinear):
                 r.weight.copy_(dequantize_blocks(m.weight, m.weight_scale_inv))
             elif isinstance(m, Fp8WeightExperts):
-                for w, s in zip(("gate_up_proj", "down_proj"), m.weight_scales()):
+                for w, s in zip(("gate_up_proj", "down_proj"), (m.gate_up_proj_scale_inv, m.down_proj_scale_inv)):
                     getattr(r, w).copy_(dequantize_blocks(getattr(m, w), s))
         ref32 = copy.deepcopy(ref).float()
         for B, T in ((1, 1), (8, 1), (2, 64), (1, 300)):

@@ -245,9 +245,9 @@ def test_experts_counting_sort_and_argsort_paths_agree(tiny_cfg, monkeypatch):
     x = torch.randn(300, tiny_cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         w, idx, _ = moe.gate(x)
-        monkeypatch.setattr("dsv3.model.moe.COUNTING_SORT_MAX", 0)
+        monkeypatch.setattr("dsv3.kernels.moe.COUNTING_SORT_MAX", 0)
         by_argsort, counts = moe.experts(x, w, idx)
-        monkeypatch.setattr("dsv3.model.moe.COUNTING_SORT_MAX", 1 << 30)
+        monkeypatch.setattr("dsv3.kernels.moe.COUNTING_SORT_MAX", 1 << 30)
         by_counting, counts2 = moe.experts(x, w, idx)
     assert torch.equal(by_counting, by_argsort) and torch.equal(counts, counts2)
     assert counts.sum() == 300 * tiny_cfg.num_experts_per_tok

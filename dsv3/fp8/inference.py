@@ -16,8 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3.fp8.format import dequantize_blocks
 from dsv3.fp8.gemm import fp8_weight_mm
 from dsv3.fp8.quantize import quantize_blocks
+from dsv3.kernels import moe_decode
+from dsv3.kernels.moe import routed_experts
 from dsv3.model.moe import Experts
 
 KEEP = ("kv_b_proj", "eh_proj")  # kv_b_proj: see the docstring; eh_proj is bf16 in DeepSeek's checkpoints too
@@ -59,8 +62,14 @@ class Fp8WeightExperts(Experts):
             self.register_buffer(name, q)
             self.register_buffer(name + "_scale_inv", s)
 
-    def weight_scales(self):
-        return self.gate_up_proj_scale_inv, self.down_proj_scale_inv
+    def forward(self, x_ND, w_NK, idx_NK):
+        w1, w2 = self.gate_up_proj, self.down_proj
+        scales = (self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
+        if moe_decode.usable(x_ND, idx_NK.numel(), w1.shape[0], fp8=True):  # the kernels scale the e4m3 tiles
+            return routed_experts(x_ND, w_NK, idx_NK, w1, w2, scales)
+        # Without them (a CPU) the weights are dequantized per call.
+        w1, w2 = (dequantize_blocks(w, s).to(x_ND.dtype) for w, s in zip((w1, w2), scales))
+        return routed_experts(x_ND, w_NK, idx_NK, w1, w2)
 
 
 def fp8_weights(model: nn.Module, ue8m0: bool = False) -> dict:

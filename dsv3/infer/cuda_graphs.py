@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
+from dsv3.fp8.inference import Fp8WeightExperts
 from dsv3.model.cache import PagedKV, to_device
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MLP, Experts, Gate
@@ -36,7 +37,7 @@ Forward = Callable[[PagedKV, torch.Tensor, torch.Tensor, torch.Tensor | None], t
 
 
 _FUSED = ((RMSNorm, "forward"), (MLA, "_project"), (Gate, "forward"), (MLP, "forward"),
-          (Experts, "forward"))
+          (Experts, "forward"), (Fp8WeightExperts, "forward"))
 _compiled: dict[tuple[type, str], Callable] = {}
 
 

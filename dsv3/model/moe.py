@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.kernels import moe_decode
-from dsv3.kernels.grouped_mm import grouped_mm
+from dsv3.kernels.moe import grouped_swiglu, routed_experts
 from dsv3.model.fuse import fuse_rows
 
 
@@ -106,11 +105,9 @@ def _top2_sum(x: torch.Tensor) -> torch.Tensor:
     return (first + second).squeeze(-1)
 
 
-COUNTING_SORT_MAX = 1 << 16  # (token, expert) rows x experts up to which rows are ordered by a counting sort
-
-
 class Experts(nn.Module):
-    """All routed experts of a layer as stacked weights (transformers 5 in-memory layout)."""
+    """All routed experts of a layer as stacked weights (transformers 5 in-memory layout): expert e's FFN is
+    down_e(silu(gate_e(u)) ⊙ up_e(u)), and a token's output is Σ_k w_k · FFN_{e_k}(u) over its K experts."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -118,79 +115,16 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))  # rows [0, F) gate, [F, 2F) up
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
 
-    def weight_scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The 128×128 block scales of gate_up_proj and down_proj when they are e4m3 (FP8 weights at inference,
-        dsv3/fp8/inference.py); None: they are plain weights."""
-        return None
-
     def forward(self, x_ND, w_NK, idx_NK):
-        N, K = idx_NK.shape
-        w1, w2, scales = self.gate_up_proj, self.down_proj, self.weight_scales()
-        E = w1.shape[0]
-        flat = idx_NK.flatten()  # (N·K,)
-        triton_ffn = moe_decode.usable(x_ND, flat.numel(), E, fp8=scales is not None)
-        if scales is not None and not triton_ffn:  # e4m3 weights without the kernels (a CPU): dequantized per call
-            from dsv3.fp8.format import dequantize_blocks
-            w1, w2 = (dequantize_blocks(w, s).to(x_ND.dtype) for w, s in zip((w1, w2), scales))
-        # One token (decode at batch 1): the kernels pick each expert's rows out of `flat`, no sort. (On N alone:
-        # a torch.compile for N >= 2 then takes no guard on N here, and serves every batch size.)
-        if triton_ffn and N == 1 and K <= moe_decode.FEW:
-            counts_E = F.one_hot(flat, E).sum(0)
-            y_NKD = moe_decode.moe_ffn(x_ND, w1, w2, flat, w_NK.flatten(), K, scales=scales).view(N, K, -1)
-            return y_NKD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
-        if flat.numel() * E <= COUNTING_SORT_MAX:  # decode-sized: a counting sort, no sort kernels
-            onehot = F.one_hot(flat, E)  # (N·K, E)
-            counts_E = onehot.sum(0)
-            rank = onehot.cumsum(0).gather(1, flat[:, None])[:, 0] - 1  # earlier rows of the same expert
-            if x_ND.device.type == "cpu" and not triton_ffn and not torch.is_grad_enabled():
-                m = int(counts_E.max())
-                if m * E <= 4 * flat.numel():  # padding at most quadruples the rows
-                    return self._padded(x_ND, w_NK, flat * m + rank, m, w1, w2), counts_E
-            dest = (counts_E.cumsum(0) - counts_E)[flat] + rank
-            order = torch.empty_like(flat).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
-        else:
-            # scatter_add, not bincount: a static output shape keeps torch.compile from breaking the graph here.
-            counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat,
-                                                                                      torch.ones_like(flat))
-            order = flat.argsort(stable=True)
-            dest = torch.empty_like(order).scatter_(0, order, torch.arange(flat.numel(), device=flat.device))
-        # `order`: rows sorted by expert, stably (the same permutation either way: deterministic); `dest` its inverse
-        offs, w_sorted = counts_E.cumsum(0).to(torch.int32), w_NK.flatten()[order]
-        if triton_ffn:
-            y_sorted = moe_decode.moe_ffn(x_ND, w1, w2, order, w_sorted, K, offs, scales)
-        else:
-            y_sorted = self.ffn(x_ND[order // K], w_sorted, offs, w1, w2)
-        y_NKD = y_sorted[dest].view(N, K, -1)
-        # Sum over each token's K experts with fp32 accumulation; a fixed order keeps it deterministic.
-        return y_NKD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
-
-    def _padded(self, x_ND, w_NK, pos, m, w1, w2):
-        """CPU inference, few rows: each expert's rows padded to the largest count `m` (row p of (token, expert)
-        pairs at `pos[p]`), then two batched matmuls. oneDNN's grouped GEMM runs one matmul per expert, ~30 µs each
-        however small (tiny-576's 128 decode rows over 8 experts: 255 µs a call, a batched matmul 70 µs)."""
-        (N, K), (E, _, D) = w_NK.shape, w1.shape
-        x = x_ND.new_zeros(E * m, D).index_copy_(0, pos, x_ND.repeat_interleave(K, 0))
-        w = x_ND.new_zeros(E * m).index_copy_(0, pos, w_NK.flatten().to(x_ND.dtype))
-        gate, up = torch.bmm(x.view(E, m, D), w1.transpose(1, 2).to(x.dtype)).chunk(2, dim=-1)
-        h = F.silu(gate) * up * w.view(E, m, 1)
-        y = torch.bmm(h, w2.transpose(1, 2).to(x.dtype)).view(E * m, D)[pos].view(N, K, D)
-        return y.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype)
+        """-> y_ND, tokens per expert counts_E; how the rows reach their experts: dsv3/kernels/moe.py."""
+        return routed_experts(x_ND, w_NK, idx_NK, self.gate_up_proj, self.down_proj, ffn=self.ffn)
 
     def ffn(self, x_sorted, w_sorted, offs, gate_up_proj=None, down_proj=None):
         """SwiGLU of each expert over its rows (sorted by expert, group ends `offs`), scaled by routing weights;
         of these experts' weights unless others are given (an expert-parallel rank's share)."""
         gate_up_proj = self.gate_up_proj if gate_up_proj is None else gate_up_proj
         down_proj = self.down_proj if down_proj is None else down_proj
-        gate, up = grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        # The routing weight scales the activation before the (linear) down projection: same result, and it
-        # fuses into the SwiGLU elementwise instead of a pass over the (N·K, D) output.
-        h = F.silu(gate) * up * w_sorted.unsqueeze(-1).to(up.dtype)
-        return grouped_mm(h, down_proj.transpose(1, 2), offs)  # (rows, D)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums over experts in fp32 at least (bf16 inputs), in float64 for float64 (tests)."""
-    return torch.promote_types(dtype, torch.float32)
+        return grouped_swiglu(x_sorted, w_sorted, offs, gate_up_proj, down_proj)
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
