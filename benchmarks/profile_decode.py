@@ -24,10 +24,9 @@ from dsv3 import Engine, EngineConfig, SamplingParams, preset  # noqa: E402
 from dsv3.data.bpe import train_bpe  # noqa: E402
 from dsv3.data.corpus import read_documents  # noqa: E402
 from dsv3.io.hf import build_model  # noqa: E402
-from dsv3.infer import cuda_graphs  # noqa: E402
+from dsv3.infer import cuda_graphs, transform  # noqa: E402
 from dsv3.kernels import mla_decode, moe_decode  # noqa: E402
 from dsv3.model import moe  # noqa: E402
-from dsv3.model.transformer import Transformer  # noqa: E402
 
 
 def steady_engine(model, tok, B, prompt_len, overlap):
@@ -113,7 +112,7 @@ def main():
     if args.unfused:
         moe_decode.usable = lambda *_: False
         moe.RANK_TOPK_MAX = 0
-        Transformer.fuse_projections = lambda self: self
+        transform.fuse_rows = lambda fused, *linears: None
     tok = train_bpe(read_documents(None), 1024)
     torch.manual_seed(0)
     model = build_model(preset(args.preset).replace(num_nextn_predict_layers=0), "cuda", torch.bfloat16)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 
 from dsv3.fp8.inference import Fp8WeightExperts
-from dsv3.model.cache import PagedKV, to_device
+from dsv3.infer.paged_kv import PagedKV, to_device
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MLP, Experts, Gate
 from dsv3.model.norm import RMSNorm

@@ -19,12 +19,13 @@ import torch
 from dsv3.infer.cuda_graphs import DecodeRunner, fused_pieces
 from dsv3.infer.detokenizer import IncrementalDetokenizer
 from dsv3.infer.kv_cache import BlockPool, allocate_pools, bytes_per_token, default_cache_bytes
+from dsv3.infer.paged_kv import ABSORBED_MAX_QUERY, PagedKV, to_device
 from dsv3.infer.prefix_cache import SpillStore
 from dsv3.infer.sampler import SamplingParams, TokenLogprobs, choose, sample
 from dsv3.infer.scheduler import Scheduler, Sequence
 from dsv3.infer.speculative import accept_greedy, propose, verify
-from dsv3.model import PagedKV, Transformer
-from dsv3.model.cache import ABSORBED_MAX_QUERY, to_device
+from dsv3.infer.transform import prepare_for_engine
+from dsv3.model import Transformer
 from dsv3.tokenizer import Tokenizer
 
 
@@ -79,7 +80,7 @@ class RequestOutput:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  model_id: str | None = None):
-        self.model, self.tokenizer = model.eval().fuse_projections(), tokenizer
+        self.model, self.tokenizer = prepare_for_engine(model.eval()), tokenizer
         self.config = cfg = config or EngineConfig()
         mcfg = model.config
         param = next(model.parameters())

@@ -13,7 +13,6 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels.moe import grouped_swiglu, routed_experts
-from dsv3.model.fuse import fuse_rows
 
 
 class MLP(nn.Module):
@@ -24,18 +23,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.gate_up: torch.Tensor | None = None  # set by fuse_projections()
+
+    def _gate_up(self, x):
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x):
-        if self.gate_up is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self._gate_up(x)
         return self.down_proj(F.silu(gate) * up)
-
-    def fuse_projections(self) -> None:
-        """Inference: gate and up as one GEMM (see `fuse_rows`)."""
-        self.gate_up = fuse_rows(self.gate_up, self.gate_proj, self.up_proj)
 
 
 class Gate(nn.Module):
@@ -51,15 +45,14 @@ class Gate(nn.Module):
             # Aux-loss-free balancing bias (§9.1): selection only, never trained by gradients, kept in fp32.
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
+    def _logits(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Token-to-expert affinity logits u_t · e_i in fp32: (N, E)."""
+        return F.linear(x_ND.float(), self.weight.float())
+
     def forward(self, x_ND: torch.Tensor):
         N, E = x_ND.shape[0], self.weight.shape[0]
         with torch.autocast(x_ND.device.type, enabled=False):  # routing decisions in fp32, also under autocast
-            if torch.compiler.is_compiling() and N <= 256:
-                # Decode: a reduction that Inductor fuses with the weight's cast and the scoring below (cuBLAS ran
-                # this GEMV as two kernels, after a third that cast the weight).
-                logits_NE = (x_ND.float().unsqueeze(1) * self.weight.float()).sum(-1)
-            else:
-                logits_NE = F.linear(x_ND.float(), self.weight.float())
+            logits_NE = self._logits(x_ND)
         scores_NE = logits_NE.sigmoid() if self.scoring == "sigmoid" else logits_NE.softmax(-1)
         choice_NE = scores_NE.detach()
         if self.method == "noaux_tc":
