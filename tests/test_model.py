@@ -21,8 +21,9 @@ def _rms(x, w, eps=1e-6):
 
 
 def test_mtp_matches_hand_evaluation(tiny_cfg):
-    """SPEC §8: logits_k = head(norm(TRM([enorm(Emb(t_{i+1})) ; hnorm(h_i)] · eh_projᵀ))), with TRM evaluated
-    by transformers' own decoder layer loaded with the MTP block's weights."""
+    """docs/architecture.md#multi-token-prediction:
+    logits_k = head(norm(TRM([enorm(Emb(t_{i+1})) ; hnorm(h_i)] · eh_projᵀ))), with TRM evaluated by transformers'
+    own decoder layer loaded with the MTP block's weights."""
     m = random_model(tiny_cfg)
     ids = torch.randint(0, tiny_cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Block-scaled FP8 grouped GEMMs for the routed experts in training (DeepSeek-V3 §3.3, the FP8 recipe).
+"""Block-scaled FP8 grouped GEMMs for the routed experts in training (DeepSeek-V3 report §3.3; the FP8 recipe:
+docs/fp8.md#training-recipe).
 
 Layout. Values are e4m3 (`torch.float8_e4m3fn`) with fp32 scales used as multipliers (real = float(q) · s):
 activations and gradients carry one scale per 1×128 slice along the reduction dim, weights one per 128×128 block.
@@ -161,8 +162,8 @@ def _check_block(name: str, value: int, largest: int) -> None:
 
 # From this many rows per expert on average (on Hopper), each expert's GEMMs go to cuBLAS's block-scaled GEMM, one
 # call per expert after a host sync for the group ends, instead of the grouped Triton kernels. At v3-slice's ~4,096
-# rows per expert these are dense shapes where cuBLAS ran 1.2-1.5x bf16 (bench_fp8_gemm.json) and the Triton
-# kernels 0.43-0.89x of bf16's grouped GEMM. `backend=` picks either explicitly ("triton", "cublas").
+# rows per expert these are dense shapes where cuBLAS beats bf16 and the Triton kernels do not (measured:
+# docs/fp8.md#fp8-training). `backend=` picks either explicitly ("triton", "cublas").
 CUBLAS_ROWS = 1024
 
 

@@ -1,15 +1,17 @@
-"""FP8 weights at inference: the decoder's linears held as DeepSeek's checkpoints store them (SPEC §7.1: e4m3 with
-one fp32 scale per 128×128 block), half the memory of bf16, and multiplied as they are (`fp8_weight_mm`: the
-activations stay bf16, fp32 accumulation; on a GPU a Triton kernel widens each weight tile as it loads it).
+"""FP8 weights at inference (docs/fp8.md#fp8-inference-weights): the decoder's linears held as DeepSeek's
+checkpoints store them (docs/fp8.md#checkpoint-format: e4m3 with one fp32 scale per 128×128 block), half the memory
+of bf16, and multiplied as they are (`fp8_weight_mm`: the activations stay bf16, fp32 accumulation; on a GPU a
+Triton kernel widens each weight tile as it loads it).
 
-The routed experts (the bulk of an MoE's weights) likewise: their stacked e4m3 weights go through the decode
-kernels of dsv3/kernels/moe_decode.py, which scale each 128-wide slice of a reduction by its block's scale, at any
-row count (a dequantized copy of a layer's experts would not fit for DeepSeek-V3); a CPU dequantizes per call.
+The routed experts (the bulk of an MoE's weights) likewise: `Fp8WeightExperts` passes its block scales to
+`routed_experts` (dsv3/kernels/moe.py), whose decode kernels scale each 128-wide slice of a reduction by its block's
+scale, at any row count (a dequantized copy of a layer's experts would not fit for DeepSeek-V3); where those
+kernels do not run (a CPU) it dequantizes per call.
 
 `fp8_weights(model)` converts a loaded model in place; `load_model(path, fp8_weights=True)` builds the FP8 modules
 first and fills them from the checkpoint, an FP8 one's values as stored. Which weights: those DeepSeek stores in
 FP8 (attention projections, dense MLPs, shared and routed experts), except kv_b_proj, which absorbed attention
-folds into the query and the output as dense matrices (SPEC §4.4).
+folds into the query and the output as dense matrices (docs/architecture.md#absorbed-attention).
 """
 from __future__ import annotations
 

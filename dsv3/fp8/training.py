@@ -116,9 +116,9 @@ class Fp8Experts(Experts):
 
 HIGH_PRECISION = ("lm_head", "eh_proj")  # and everything that is not an nn.Linear or Experts (router, norms)
 # A linear with a side under this stays bf16: on an H100 its FP8 GEMMs plus the quantization of their inputs
-# were slower than bf16 (benchmarks/results/bench_fp8_gemm.json: N=576 0.33x, K=512 0.80x Fprop at 16K tokens).
-# So does one with a side that is not a multiple of 128: cuBLAS's block-scaled GEMM needs the reduction dim in
-# whole 128-blocks (Dgrad reduces over the output features), and the emulation is ~20x slower.
+# were slower than bf16 (measured: docs/fp8.md#fp8-training). So does one with a side that is not a multiple of
+# 128: cuBLAS's block-scaled GEMM needs the reduction dim in whole 128-blocks (Dgrad reduces over the output
+# features), and the emulation is far slower.
 MIN_FP8_DIM = 1024
 
 

@@ -1,4 +1,5 @@
-"""Load and save DeepSeek checkpoints in the Hugging Face layout (SPEC §3, §7, §14).
+"""Load and save DeepSeek checkpoints in the Hugging Face layout (docs/architecture.md#checkpoint-layout; FP8
+weights: docs/fp8.md#checkpoint-format).
 
 The name table (ours -> checkpoint) is three rules:
   - main model tensors gain the `model.` prefix (`layers.3.mlp.gate.weight` -> `model.layers.3.mlp.gate.weight`),

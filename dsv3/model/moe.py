@@ -1,9 +1,10 @@
-"""DeepSeekMoE (SPEC §6, §9): fine-grained routed experts + shared experts, every gate variant.
+"""DeepSeekMoE (DeepSeek-V3 report §2.1.2): fine-grained routed experts + shared experts, every gate variant
+(docs/architecture.md#routing, docs/architecture.md#experts).
 
-Routed experts run as one grouped GEMM over the N·K (token, expert) rows sorted by expert: no loop over
-experts, no capacity factor, no token dropping. The sequence-wise balance loss (§9.2) enters through autograd
-right here (`_AttachLoss`), so it reaches the router even when layers run in pipeline stages that pass only
-hidden states between them.
+How the (token, expert) rows reach their experts is kernels/moe.py's (`routed_experts`: grouped GEMM over rows
+sorted by expert, no capacity factor, no token dropping). The sequence-wise balance loss
+(docs/architecture.md#sequence-wise-balance-loss) enters through autograd right here (`_AttachLoss`), so it
+reaches the router even when layers run in pipeline stages that pass only hidden states between them.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class Gate(nn.Module):
         self.scale = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if self.method == "noaux_tc":
-            # Aux-loss-free balancing bias (§9.1): selection only, never trained by gradients, kept in fp32.
+            # Aux-loss-free balancing bias (docs/architecture.md#auxiliary-loss-free-balancing): selection only,
+            # never trained by gradients, kept in fp32.
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def _logits(self, x_ND: torch.Tensor) -> torch.Tensor:
@@ -81,8 +83,8 @@ RANK_TOPK_MAX = 1 << 22  # tokens x experts² up to which a router's top-k is ta
 def _rank(x_NG: torch.Tensor) -> torch.Tensor:
     """Each entry's place in its row in descending order, ties broken by index: the top-k of a row are the entries
     of rank < k. For the few groups of group-limited routing, and the experts of a few tokens, a (G, G)
-    comparison beats a topk call (sort kernels: 7% of a bench-684m decode step on an H200) and fuses with the
-    routing around it."""
+    comparison beats a topk call (its sort kernels: measured in docs/inference.md#decode-speed) and fuses with
+    the routing around it."""
     i = torch.arange(x_NG.shape[-1], device=x_NG.device)
     a, b = x_NG.unsqueeze(-1), x_NG.unsqueeze(-2)  # entry g against every entry h
     return ((b > a) | ((b == a) & (i < i[:, None]))).sum(-1)
@@ -91,7 +93,8 @@ def _rank(x_NG: torch.Tensor) -> torch.Tensor:
 def _top2_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of the two largest values along the last dim (ties count twice, as topk(2) would).
 
-    Two max reductions instead of a topk: 6% of a compiled bench-684m step was spent in topk, and these fuse.
+    Two max reductions instead of a topk: they fuse with the routing, topk's sort kernels do not (measured:
+    docs/training.md).
     """
     first = x.amax(-1, keepdim=True)
     second = x.scatter(-1, x.argmax(-1, keepdim=True), float("-inf")).amax(-1, keepdim=True)
@@ -121,7 +124,8 @@ class Experts(nn.Module):
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
-    """Σ_i f_i·P_i per sequence, averaged over the batch (SPEC §9.2, without α).
+    """Σ_i f_i·P_i per sequence, averaged over the batch, without α
+    (docs/architecture.md#sequence-wise-balance-loss).
 
     f counts the experts actually selected (bias included): the paper writes Topk over s, implementations use
     the routing decision; we use the decision, which is what the bias steers.

@@ -2,7 +2,7 @@
 
 Parameter names equal the Hugging Face checkpoint names below `model.` (`layers.3.self_attn.kv_b_proj.weight`),
 so the name table in `dsv3/io/hf.py` stays small: it adds the prefix, splits the stacked experts into
-per-expert tensors and maps `mtp.k.*` to `model.layers.{L+k}.*` (SPEC §3).
+per-expert tensors and maps `mtp.k.*` to `model.layers.{L+k}.*` (docs/architecture.md#checkpoint-layout).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ class Block(nn.Module):
 
 
 class SharedHead(nn.Module):
-    """MTP's own final norm; the head matrix itself is the main model's lm_head (SPEC §8.2)."""
+    """MTP's own final norm; the head matrix itself is the main model's lm_head
+    (docs/architecture.md#mtp-at-inference)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -45,7 +46,8 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(Block):
-    """MTP module k (SPEC §8): h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a MoE block."""
+    """MTP module k (docs/architecture.md#multi-token-prediction):
+    h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a MoE block."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
@@ -173,9 +175,10 @@ class Transformer(nn.Module):
 
     def draft(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache,
               depth: int = 1) -> torch.Tensor:
-        """MTP module `depth` over a flat batch with its own paged latent cache (inference, SPEC §8.2): row i holds
-        the main model's final-normed hidden h_i at `positions[i]` and the token t_{i+1} that followed it;
-        returns logits for t_{i+2} at `cache.logits_indices` rows."""
+        """MTP module `depth` over a flat batch with its own paged latent cache (inference:
+        docs/architecture.md#mtp-at-inference): row i holds the main model's final-normed hidden h_i at
+        `positions[i]` and the token t_{i+1} that followed it; returns logits for t_{i+2} at `cache.logits_indices`
+        rows."""
         layer = self.mtp[depth - 1]
         cos, sin = rope.cos_sin(positions, self.rope_inv_freq, self.rope_factor)
         h, _ = layer(hidden, self.embed_tokens(next_ids), cos, sin, None, cache)
