@@ -11,7 +11,8 @@ from conftest import random_model, rel_err, small_v3
 from dsv3 import LLM, Engine, EngineConfig, ModelConfig, SamplingParams, save_model
 from dsv3.data.bpe import train_bpe
 from dsv3.infer.kv_cache import bytes_per_token
-from dsv3.model import PagedKV
+from dsv3.infer.paged_kv import PagedKV
+from dsv3.infer.transform import prepare_for_engine
 
 TEXT = ["The king speaks to the queen, and the ghost walks upon the wall at night. " * 3,
         "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n" * 3]
@@ -288,6 +289,7 @@ def test_absorbed_decode_matches_expanded_attention_per_layer(model):
     x = torch.randn(T, model.config.hidden_size, generator=g)
     from dsv3.model.rope import cos_sin
     cos, sin = cos_sin(torch.arange(T)[None], model.rope_inv_freq, model.rope_factor)
+    prepare_for_engine(model)  # the engine's MLA attends over the paged cache
     width = model.config.kv_lora_rank + model.config.qk_rope_head_dim
     for layer in model.layers:
         attn = layer.self_attn
@@ -452,8 +454,8 @@ def test_overlapped_decode_gives_the_plain_loops_outputs(model, tok):
 def test_fp8_weights_engine_equals_recomputation_with_the_dequantized_weights(tok):
     # FP8 weights at inference: the engine over e4m3 linears and routed experts gives exactly the greedy tokens of
     # a plain model holding the dequantized values (both float32 here, MTP speculation on), at 1 byte per weight.
-    from dsv3.infer.fp8_weights import Fp8WeightExperts, Fp8WeightLinear
-    from dsv3.io.fp8 import dequantize_blocks
+    from dsv3.fp8.format import dequantize_blocks
+    from dsv3.fp8.inference import Fp8WeightExperts, Fp8WeightLinear
     from dsv3.model.moe import Experts
     cfg = ModelConfig.from_hf_dict({"model_type": "deepseek_v3", **small_v3(vocab_size=576),
                                     "num_nextn_predict_layers": 1})

@@ -1,6 +1,6 @@
-"""FP8 training (SPEC §7.4) on the CPU: quantization error bounds, the three GEMMs of an FP8 linear and of the FP8
-experts against float64 references, the Triton quantize kernels in Triton's interpreter, and apply_fp8 on a
-model that then trains."""
+"""FP8 training (docs/fp8.md#training-recipe) on the CPU: quantization error bounds, the three GEMMs of an FP8
+linear and of the FP8 experts against float64 references, the Triton quantize kernels in Triton's interpreter,
+and apply_fp8 on a model that then trains."""
 import textwrap
 
 import pytest
@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from conftest import run_fresh
 
 from dsv3.config import preset
-from dsv3.kernels.fp8 import (FP8, dequantize_blocks, dequantize_rows, quantize_blocks, quantize_rows,
-                              quantize_rows_reference)
+from dsv3.fp8.format import FP8, dequantize_blocks
+from dsv3.fp8.quantize import dequantize_rows, quantize_blocks, quantize_rows, quantize_rows_reference
 from dsv3.model import Transformer
 from dsv3.model.moe import Experts
-from dsv3.train.fp8 import Fp8Experts, Fp8Linear, apply_fp8
+from dsv3.fp8.training import Fp8Experts, Fp8Linear, apply_fp8
 
 # E4M3: 3 mantissa bits, so rounding to nearest errs by at most 2^-4 of |x| for normal values; below the smallest
 # normal (2^-6) the spacing is 2^-9, so the absolute error is at most 2^-10 (in units of the scale).
@@ -186,7 +186,7 @@ def test_apply_fp8_converts_decoder_gemms_only_and_trains():
 
 QUANT_KERNEL = textwrap.dedent("""
     import torch
-    from dsv3.kernels import fp8
+    from dsv3.fp8 import quantize as fp8
     g = torch.Generator().manual_seed(0)
     for M, K, ue8m0 in [(300, 200, False), (128, 256, True), (7, 130, False)]:
         x = torch.randn(M, K, generator=g) * torch.logspace(-3, 3, K)
@@ -217,18 +217,19 @@ def test_triton_quantize_kernel_matches_torch_reference():
     run_fresh(QUANT_KERNEL)
 
 
-# FP8 weights at inference (dsv3/infer/fp8_weights.py): the weight-only GEMM's Triton kernel against float64 on
+# FP8 weights at inference (dsv3/fp8/inference.py): the weight-only GEMM's Triton kernel against float64 on
 # the dequantized weight, ragged N and K (a 576-row kv_a-like weight, K off 128), 1 to 40 rows.
 W8_KERNEL = textwrap.dedent("""
     import torch
-    from dsv3.io.fp8 import dequantize_blocks, quantize
-    from dsv3.kernels.fp8 import _use_triton, fp8_weight_mm
+    from dsv3.fp8.format import dequantize_blocks, quantize
+    from dsv3.fp8.gemm import fp8_weight_mm
+    from dsv3.kernels import use_triton
     g = torch.Generator().manual_seed(0)
     for M, N, K, dtype in [(1, 200, 300, torch.float32), (5, 576, 256, torch.float16), (16, 64, 128, torch.float32),
                            (40, 130, 384, torch.float32), (17, 256, 200, torch.float16)]:
         wq, ws = quantize(torch.randn(N, K, generator=g) * 0.1)
         x = torch.randn(M, K, generator=g).to(dtype)
-        assert _use_triton(x)
+        assert use_triton(x)
         ref = x.double() @ dequantize_blocks(wq, ws, torch.float64).t()
         ours = fp8_weight_mm(x, wq, ws)
         err = ((ours.double() - ref).norm() / ref.norm()).item()

@@ -1,4 +1,4 @@
-"""FP8 grouped GEMMs (dsv3/kernels/fp8_grouped.py): the Triton kernels against the torch references under Triton's
+"""FP8 grouped GEMMs (dsv3/fp8/grouped.py): the Triton kernels against the torch references under Triton's
 interpreter (TRITON_INTERPRET=1 must be set before triton is imported, so each check runs in a fresh interpreter,
 which imports this file and calls a `check_*` function), and the references against a float64 computation written
 out independently (full dequantization, then one einsum per expert over its real rows)."""
@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import run_fresh
 
-from dsv3.kernels.fp8_grouped import (_use_triton, grouped_fp8_mm, grouped_fp8_mm_reference, grouped_fp8_mm_wgrad,
-                                      grouped_fp8_mm_wgrad_reference)
+from dsv3.fp8.grouped import (grouped_fp8_mm, grouped_fp8_mm_reference, grouped_fp8_mm_wgrad,
+                              grouped_fp8_mm_wgrad_reference)
+from dsv3.kernels import use_triton
 
 FP8 = torch.float8_e4m3fn
 F64 = dict(out_dtype=torch.float64, compute_dtype=torch.float64)
@@ -70,7 +71,7 @@ def check_fwd_kernel():
     from torch._subclasses.fake_tensor import FakeTensorMode
     for sizes, N, K, tail, (bm, bn) in CASES:
         c = make_case(sizes, N, K, tail)
-        assert _use_triton(c.a_q)
+        assert use_triton(c.a_q)
         live = slice(0, int(c.offs[-1]))  # rows past offs[-1] are undefined
         ref = grouped_fp8_mm_reference(*fwd_args(c), **F64)[live]
         ours = grouped_fp8_mm(*fwd_args(c), torch.float32, block_m=bm, block_n=bn)
@@ -87,7 +88,7 @@ def check_fwd_kernel():
 def check_wgrad_kernel():
     for sizes, N, K, tail, (bn, bk) in CASES:
         c = make_case(sizes, N, K, tail, seed=1)
-        assert _use_triton(c.g_q)
+        assert use_triton(c.g_q)
         ref = grouped_fp8_mm_wgrad_reference(*wgrad_args(c), **F64)
         ours = grouped_fp8_mm_wgrad(*wgrad_args(c), block_n=bn, block_k=bk)
         assert ours.shape == (len(sizes), N, K) and ours.dtype == torch.float32
@@ -144,7 +145,7 @@ def test_fp8_grouped_references_match_float64_dequantize_einsum(sizes):
 def test_cpu_without_interpreter_runs_the_references(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     c = make_case([77, 0, 256], N=200, K=320, tail=8)
-    assert not _use_triton(c.a_q)
+    assert not use_triton(c.a_q)
     out = grouped_fp8_mm(*fwd_args(c))
     assert out.dtype == torch.bfloat16 and torch.equal(out, grouped_fp8_mm_reference(*fwd_args(c)))
     wgrad = grouped_fp8_mm_wgrad(*wgrad_args(c))

@@ -7,7 +7,7 @@ import torch
 
 import dsv3
 from conftest import random_model, rel_err
-from dsv3.io import fp8
+from dsv3.fp8 import format as fp8
 from dsv3.io.convert import convert
 from dsv3.io.hf import write_checkpoint
 
@@ -60,7 +60,7 @@ def test_fp8_checkpoint_loads_back_within_fp8_rounding(tmp_path):
         assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32  # router stays high precision
     back = dsv3.load_model(tmp_path / "fp8")
     for (k, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()):
-        assert rel_err(b, a) <= 0.04, k  # ~2.6% for a 128×128 e4m3 round trip (SPEC §7.2)
+        assert rel_err(b, a) <= 0.04, k  # ~2.6% for a 128×128 e4m3 round trip (docs/fp8.md#checkpoint-format)
 
 
 def test_convert_fp8_to_bf16_and_back(tmp_path):
@@ -151,7 +151,7 @@ def test_fp8_checkpoint_loads_into_fp8_weights_as_stored(tmp_path):
     # in the model bit for bit (never dequantized; an expert's gate and up stacked as gate_up_proj, their scales
     # too), kv_b_proj dense; a bf16 checkpoint quantizes as it loads exactly as converting after loading does.
     from safetensors import safe_open
-    from dsv3.infer.fp8_weights import fp8_weights
+    from dsv3.fp8 import fp8_weights
     from dsv3.io.hf import our_name
     m = _tiny576()
     dsv3.save_model(m, tmp_path / "fp8", fp8_blocks=True)

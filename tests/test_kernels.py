@@ -10,7 +10,8 @@ pytest.importorskip("triton", reason="triton is a dev dependency on Linux")
 
 MLA_DECODE = textwrap.dedent("""
     import torch
-    from dsv3.kernels.mla_decode import _use_triton, mla_decode, mla_decode_reference
+    from dsv3.kernels import use_triton
+    from dsv3.kernels.mla_decode import mla_decode, mla_decode_reference
     g = torch.Generator().manual_seed(0)
     for H, C, R, bs, lens, dtype in [(4, 16, 8, 16, [1, 16, 37, 70], torch.float32),
                                      (20, 64, 16, 8, [5, 33], torch.float32),
@@ -28,7 +29,7 @@ MLA_DECODE = textwrap.dedent("""
         q_c = torch.randn(B, H, C, generator=g).to(dtype)
         q_pe = torch.randn(B, H, R, generator=g).to(dtype)
         seq_lens = torch.tensor(lens)
-        assert _use_triton(q_c)
+        assert use_triton(q_c)
         ref = mla_decode_reference(q_c.double(), q_pe.double(), kv.double(), tables, seq_lens, 0.3)
         # One program per sequence, or its tokens split over 2 / 8 programs (flash-decoding; with 8, some
         # splits of the short sequences see no token at all).
@@ -90,7 +91,8 @@ MOE_DECODE = textwrap.dedent("""
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("unsorted", N, K, E, dtype, err)
     # FP8 weights (e4m3, 128x128 block scales per expert; D and F off the blocks), rows unsorted and sorted,
     # against float64 on the dequantized weights
-    from dsv3.kernels.fp8 import dequantize_blocks, quantize_blocks
+    from dsv3.fp8.format import dequantize_blocks
+    from dsv3.fp8.quantize import quantize_blocks
     E, D, F_, K = 4, 200, 136, 2
     (q1, s1), (q2, s2) = quantize_blocks(torch.randn(E, 2 * F_, D, generator=g) / D ** 0.5), \
         quantize_blocks(torch.randn(E, D, F_, generator=g) / F_ ** 0.5)
@@ -129,12 +131,14 @@ HOPPER = textwrap.dedent("""
     from triton.runtime.jit import JITFunction
     launches = []
     JITFunction.run = lambda self, *args, grid, warmup, **kw: launches.append((self, args, kw))  # record only
-    from dsv3.kernels import fp8, fp8_grouped, mla_decode, moe_decode
-    bf, f8 = torch.bfloat16, fp8.FP8
+    from dsv3.fp8 import gemm, grouped as fp8_grouped, quantize
+    from dsv3.fp8.format import FP8
+    from dsv3.kernels import mla_decode, moe_decode
+    bf, f8 = torch.bfloat16, FP8
     x = torch.randn(300, 520).to(bf)
     for ue8m0 in (False, True):
-        fp8._quantize_rows_launch(x, ue8m0, True)
-        fp8._quantize_blocks_launch(x.view(2, 150, 520), ue8m0, True)
+        quantize._quantize_rows_launch(x, ue8m0, True)
+        quantize._quantize_blocks_launch(x.view(2, 150, 520), ue8m0, True)
     E, N, K, R = 4, 256, 384, 512
     offs = torch.tensor([128, 256, 256, 512], dtype=torch.int32)
     fp8_grouped._grouped_fp8_mm_triton(torch.zeros(R, K).to(f8), torch.ones(R, K // 128), torch.zeros(E, N, K).to(f8),
@@ -161,7 +165,7 @@ HOPPER = textwrap.dedent("""
     mla_decode._mla_decode_triton(torch.randn(3, 16, 256), torch.randn(3, 16, 32), torch.randn(8, 64, 288),
                                   torch.zeros(3, 2, dtype=torch.int32), torch.tensor([5, 64, 100]), 0.1, 32, 4)
     for M in (1, 200):  # FP8 weights at inference: decode rows and a prefill chunk
-        fp8._w8_mm_op(torch.randn(M, 7168).to(bf), torch.zeros(1536, 7168).to(f8), torch.ones(12, 56))
+        gemm._w8_mm_op(torch.randn(M, 7168).to(bf), torch.zeros(1536, 7168).to(f8), torch.ones(12, 56))
     TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
              torch.int64: "i64", f8: "fp8e4nv"}
     def type_of(v):

@@ -11,7 +11,8 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Decod
 from conftest import random_model, rel_err, small_v3
 from dsv3.kernels.cross_entropy import cross_entropy
 from dsv3.kernels.grouped_mm import grouped_mm, grouped_mm_reference
-from dsv3.model import PagedKV
+from dsv3.infer.paged_kv import PagedKV
+from dsv3.infer.transform import prepare_for_engine
 from dsv3.model.moe import MoE, sequence_balance_loss
 
 
@@ -20,8 +21,9 @@ def _rms(x, w, eps=1e-6):
 
 
 def test_mtp_matches_hand_evaluation(tiny_cfg):
-    """SPEC §8: logits_k = head(norm(TRM([enorm(Emb(t_{i+1})) ; hnorm(h_i)] · eh_projᵀ))), with TRM evaluated
-    by transformers' own decoder layer loaded with the MTP block's weights."""
+    """docs/architecture.md#multi-token-prediction:
+    logits_k = head(norm(TRM([enorm(Emb(t_{i+1})) ; hnorm(h_i)] · eh_projᵀ))), with TRM evaluated by transformers'
+    own decoder layer loaded with the MTP block's weights."""
     m = random_model(tiny_cfg)
     ids = torch.randint(0, tiny_cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -69,7 +71,7 @@ def _cos_sin(m, n):
 def test_paged_cache_decode_matches_full_forward(tiny_cfg):
     """Chunked prefill + decode of two interleaved sequences through the absorbed paged path equals a full
     recomputation (float32), every step."""
-    m = random_model(tiny_cfg)
+    m = prepare_for_engine(random_model(tiny_cfg))
     bs, n_blocks = 4, 16
     width = tiny_cfg.kv_lora_rank + tiny_cfg.qk_rope_head_dim
     pools = [torch.zeros(n_blocks, bs, width) for _ in range(tiny_cfg.num_hidden_layers)]
@@ -95,6 +97,26 @@ def test_paged_cache_decode_matches_full_forward(tiny_cfg):
                 ref = m(seqs[s][None, : done[s]]).logits[0, -q:]
                 assert rel_err(logits[start:start + q], ref) <= 1e-5, (s, done[s])
                 start += q
+
+
+def test_mla_absorbed_matches_naive(tiny_cfg):
+    """The two forms of MLA side by side in dsv3/model/mla.py: W_UK folded into the query and W_UV applied after
+    attention over the latents (absorbed) against per-head K / V up-projected from them (naive, which the
+    transformers parity tests check), causal and under a packed-document mask (float64)."""
+    from dsv3.model.transformer import document_positions_and_mask
+    m = random_model(tiny_cfg).double()
+    attn = m.layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 11, tiny_cfg.hidden_size, generator=g, dtype=torch.float64)
+    positions, packed = document_positions_and_mask(torch.tensor([[0] * 11, [0] * 4 + [1] * 7]))
+    cos, sin = _cos_sin(m, 11)
+    with torch.no_grad():
+        q_nope, q_pe, c_kv, k_pe = attn._project(x, cos.double().expand(2, -1, -1), sin.double().expand(2, -1, -1))
+        for mask in (None, packed):
+            naive = attn._expanded(q_nope, q_pe, c_kv, k_pe, mask)
+            absorbed = attn._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            assert naive.shape == absorbed.shape == (2, 11, tiny_cfg.num_attention_heads, tiny_cfg.v_head_dim)
+            assert rel_err(absorbed, naive) <= 1e-12, mask is None
 
 
 def test_packed_documents_do_not_attend_across(tiny_cfg):
@@ -245,9 +267,9 @@ def test_experts_counting_sort_and_argsort_paths_agree(tiny_cfg, monkeypatch):
     x = torch.randn(300, tiny_cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         w, idx, _ = moe.gate(x)
-        monkeypatch.setattr("dsv3.model.moe.COUNTING_SORT_MAX", 0)
+        monkeypatch.setattr("dsv3.kernels.moe.COUNTING_SORT_MAX", 0)
         by_argsort, counts = moe.experts(x, w, idx)
-        monkeypatch.setattr("dsv3.model.moe.COUNTING_SORT_MAX", 1 << 30)
+        monkeypatch.setattr("dsv3.kernels.moe.COUNTING_SORT_MAX", 1 << 30)
         by_counting, counts2 = moe.experts(x, w, idx)
     assert torch.equal(by_counting, by_argsort) and torch.equal(counts, counts2)
     assert counts.sum() == 300 * tiny_cfg.num_experts_per_tok
@@ -273,7 +295,7 @@ def test_mla_decode_reference_in_length_buckets_equals_one_padded_batch():
 
 
 def test_fused_projections_keep_outputs_names_training_and_checkpoints(tiny_cfg, tmp_path):
-    """fuse_projections (what the engine runs on) changes no output, no parameter name; training still reaches
+    """prepare_for_engine (what the engine runs on) changes no output, no parameter name; training still reaches
     every layer and the fused matrices see its updates; a checkpoint of the fused model saves and loads back."""
     import dsv3
     m = random_model(tiny_cfg)
@@ -282,13 +304,13 @@ def test_fused_projections_keep_outputs_names_training_and_checkpoints(tiny_cfg,
         before = m(ids).logits
     names = list(m.state_dict())
     opt = torch.optim.SGD(m.parameters(), lr=0.5)  # built first, as GRPO's is before its engine fuses the model
-    m.fuse_projections()
+    prepare_for_engine(m)
     assert {id(p) for p in m.parameters()} == {id(p) for p in opt.param_groups[0]["params"]}
     attn = m.layers[0].self_attn
     assert attn.fused_a is not None and attn.fused_a.data_ptr() == attn.q_a_proj.weight.data_ptr()
     with torch.no_grad():
         assert rel_err(m(ids).logits, before) < 1e-6
-    assert list(m.state_dict()) == names and m.fuse_projections() is m  # idempotent
+    assert list(m.state_dict()) == names and prepare_for_engine(m) is m  # idempotent
     assert attn.fused_a.data_ptr() == attn.q_a_proj.weight.data_ptr()
     m(ids).logits.square().mean().backward()
     assert attn.kv_a_proj_with_mqa.weight.grad.abs().sum() > 0 and m.layers[0].mlp.up_proj.weight.grad is not None

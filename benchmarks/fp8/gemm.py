@@ -17,8 +17,11 @@ import sys
 import torch
 
 from benchmarks.results import save
-from dsv3.kernels.fp8 import (dequantize_blocks, dequantize_rows, fp8_mm, quantize_blocks, quantize_blocks_reference,
-                              quantize_rows, quantize_rows_reference)
+from dsv3.fp8.format import dequantize_blocks
+from dsv3.fp8.gemm import fp8_mm
+from dsv3.fp8.grouped import grouped_fp8_mm, grouped_fp8_mm_wgrad
+from dsv3.fp8.quantize import (dequantize_rows, quantize_blocks, quantize_blocks_reference, quantize_rows,
+                               quantize_rows_reference)
 
 
 def bench(fn, warmup=5, reps=15, inner=10) -> float:
@@ -136,7 +139,6 @@ def gemm(args) -> dict:
 
 
 def grouped(args) -> list[dict]:
-    from dsv3.kernels.fp8_grouped import grouped_fp8_mm, grouped_fp8_mm_wgrad
     dev, res = "cuda", []
     # (name, experts, rows per expert, K, N): 16b-slice (4 x 4096 tokens, top-6 of 64) and v3-slice (2 x 4096, 8 of 16)
     for name, E, per, K, N in [("16b gate_up", 64, 1536, 2048, 2816), ("16b down", 64, 1536, 1408, 2048),

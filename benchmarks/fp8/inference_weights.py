@@ -1,4 +1,4 @@
-"""FP8 weights at inference on the GPU: logits of the model holding e4m3 weights (dsv3/infer/fp8_weights.py, the
+"""FP8 weights at inference on the GPU: logits of the model holding e4m3 weights (dsv3/fp8/inference.py, the
 Triton W8 kernels) against the same model holding their dequantized values in bf16, both against an fp32 copy
 of the latter (the yardstick: how far bf16 alone drifts), and how often the two agree on the argmax. Random weights,
 prefill and decode-sized batches.
@@ -14,8 +14,9 @@ import torch
 
 from benchmarks.results import device_name, save
 from dsv3.config import preset
-from dsv3.infer.fp8_weights import Fp8WeightExperts, Fp8WeightLinear, fp8_weights
-from dsv3.io.fp8 import dequantize_blocks
+from dsv3.fp8 import fp8_weights
+from dsv3.fp8.format import dequantize_blocks
+from dsv3.fp8.inference import Fp8WeightExperts, Fp8WeightLinear
 from dsv3.io.hf import build_model
 
 
@@ -31,7 +32,7 @@ def compare(model, cfg, dev: str) -> dict:
             if isinstance(m, Fp8WeightLinear):
                 r.weight.copy_(dequantize_blocks(m.weight, m.weight_scale_inv))
             elif isinstance(m, Fp8WeightExperts):
-                for w, s in zip(("gate_up_proj", "down_proj"), m.weight_scales()):
+                for w, s in zip(("gate_up_proj", "down_proj"), (m.gate_up_proj_scale_inv, m.down_proj_scale_inv)):
                     getattr(r, w).copy_(dequantize_blocks(getattr(m, w), s))
         ref32 = copy.deepcopy(ref).float()
         for B, T in ((1, 1), (8, 1), (2, 64), (1, 300)):

@@ -25,7 +25,7 @@ from dsv3 import Engine, EngineConfig, SamplingParams, preset
 from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import read_documents
 from dsv3.info import model_stats
-from dsv3.infer.fp8_weights import fp8_weights
+from dsv3.fp8 import fp8_weights
 from dsv3.infer.kv_cache import bytes_per_token
 from dsv3.io.hf import build_model
 from dsv3.kernels.mla_decode import mla_decode, mla_decode_reference
@@ -140,7 +140,7 @@ def main():
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also time transformers")
     p.add_argument("--spec", type=int, default=0, help="MTP speculative tokens (needs the preset's MTP module)")
     p.add_argument("--fp8-weights", action="store_true",
-                   help="then the same model with its decoder weights in FP8 (dsv3/infer/fp8_weights.py)")
+                   help="then the same model with its decoder weights in FP8 (dsv3/fp8/inference.py)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -23,11 +23,10 @@ from benchmarks.results import save
 from dsv3 import Engine, EngineConfig, SamplingParams, preset
 from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import read_documents
-from dsv3.infer import cuda_graphs
+from dsv3.infer import cuda_graphs, transform
 from dsv3.io.hf import build_model
 from dsv3.kernels import mla_decode, moe_decode
 from dsv3.model import moe
-from dsv3.model.transformer import Transformer
 
 
 def steady_engine(model, tok, B, prompt_len, overlap):
@@ -115,7 +114,7 @@ def main():
     if args.unfused:
         moe_decode.usable = lambda *_: False
         moe.RANK_TOPK_MAX = 0
-        Transformer.fuse_projections = lambda self: self
+        transform.fuse_rows = lambda fused, *linears: None
     tok = train_bpe(read_documents(None), 1024)
     torch.manual_seed(0)
     model = build_model(preset(args.preset).replace(num_nextn_predict_layers=0), "cuda", torch.bfloat16)

@@ -1,20 +1,20 @@
 """Decode steps as CUDA graphs: the host launches one graph per step instead of a few hundred kernels.
 
-A decode step's forward — every new token an absorbed row (SPEC §4.4): plain decode tokens, speculative
-verification rows, MTP draft rows — reads its inputs from device buffers only and never waits for the host, so for
-a fixed row count it can be recorded once and replayed. Row counts are bucketed (1, 2, 4, 8, then multiples of
-16); a step with T rows pads to the next bucket: padding rows read block `scratch` and write only its first slot,
-a block the pool never hands out. A bucket is recorded the first time a step needs it, or all of them by
-`Engine.warmup()`.
+A decode step's forward — every new token an absorbed row (docs/architecture.md#absorbed-attention): plain decode
+tokens, speculative verification rows, MTP draft rows — reads its inputs from device buffers only and never waits for
+the host, so for a fixed row count it can be recorded once and replayed. Row counts are bucketed (1, 2, 4, 8, then
+multiples of 16); a step with T rows pads to the next bucket: padding rows read block `scratch` and write only its
+first slot, a block the pool never hands out. A bucket is recorded the first time a step needs it, or all of them
+by `Engine.warmup()`.
 
 While a graph is recorded, the model's forward runs torch.compile'd as a whole (`WHOLE_FORWARD`; dynamic shapes:
 one compile serves every bucket but batch 1), so the graph holds Inductor's fused kernels between the GEMMs and
 the opaque custom ops (the Triton kernels, the cache write). A prefill step on a GPU runs compiled pieces instead
 (RMSNorm, the projections with rope, routing, the SwiGLU MLPs, the routed experts' glue), whose Python-level spans
 a whole compile would specialize on. The model's eager code is untouched: the compiled versions stand in only
-while a graph is recorded or a GPU prefill runs. bench-684m on an H100 at batch 1: a graph of eager kernels
-replayed in 2.97 ms (an earlier engine); today's overlapped step takes 1.15 ms with compiled pieces and 1.07 ms
-with the whole forward (400 kernels), whose compile costs 27-60 s of warmup.
+while a graph is recorded or a GPU prefill runs. A graph of compiled kernels replays faster than one of eager
+kernels, the whole forward slightly faster than compiled pieces, at the cost of a longer warmup (measured:
+docs/inference.md#cuda-graphs).
 
 Without CUDA (or with graphs off) the same forward runs eagerly on exactly T rows, so CPU tests exercise the code
 path that the graphs record.
@@ -26,7 +26,8 @@ from contextlib import contextmanager
 
 import torch
 
-from dsv3.model.cache import PagedKV, to_device
+from dsv3.fp8.inference import Fp8WeightExperts
+from dsv3.infer.paged_kv import PagedKV, to_device
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MLP, Experts, Gate
 from dsv3.model.norm import RMSNorm
@@ -35,8 +36,10 @@ from dsv3.model.transformer import Transformer
 Forward = Callable[[PagedKV, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]]
 
 
+# The model's methods (and FP8 experts' own forward); the engine's overrides (transform.py: fused projections, the
+# decode router) are hooks these methods call, so a compiled piece traces through them.
 _FUSED = ((RMSNorm, "forward"), (MLA, "_project"), (Gate, "forward"), (MLP, "forward"),
-          (Experts, "forward"))
+          (Experts, "forward"), (Fp8WeightExperts, "forward"))
 _compiled: dict[tuple[type, str], Callable] = {}
 
 

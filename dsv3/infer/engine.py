@@ -19,12 +19,13 @@ import torch
 from dsv3.infer.cuda_graphs import DecodeRunner, fused_pieces
 from dsv3.infer.detokenizer import IncrementalDetokenizer
 from dsv3.infer.kv_cache import BlockPool, allocate_pools, bytes_per_token, default_cache_bytes
+from dsv3.infer.paged_kv import ABSORBED_MAX_QUERY, PagedKV, to_device
 from dsv3.infer.prefix_cache import SpillStore
 from dsv3.infer.sampler import SamplingParams, TokenLogprobs, choose, sample
 from dsv3.infer.scheduler import Scheduler, Sequence
 from dsv3.infer.speculative import accept_greedy, propose, verify
-from dsv3.model import PagedKV, Transformer
-from dsv3.model.cache import ABSORBED_MAX_QUERY, to_device
+from dsv3.infer.transform import prepare_for_engine
+from dsv3.model import Transformer
 from dsv3.tokenizer import Tokenizer
 
 
@@ -37,7 +38,8 @@ class EngineConfig:
     max_num_seqs: int = 256  # sequences in one forward
     max_batched_tokens: int = 2048  # tokens in one forward (prefill chunks + decode tokens)
     seed: int = 0  # of the generators of requests that give no seed
-    speculative_tokens: int = 0  # MTP drafts per step (0: off; 1: V3's one MTP module, SPEC §8.2)
+    speculative_tokens: int = 0  # MTP drafts per step (0: off; 1: V3's one MTP module,
+    # docs/architecture.md#mtp-at-inference)
     host_cache_bytes: int = 0  # prefix-cache blocks evicted from the pool are kept in host memory up to this
     disk_cache_dir: str | None = None  # ... and then on disk here, across restarts (None: no disk tier)
     disk_cache_bytes: int = 16 << 30
@@ -79,7 +81,7 @@ class RequestOutput:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  model_id: str | None = None):
-        self.model, self.tokenizer = model.eval().fuse_projections(), tokenizer
+        self.model, self.tokenizer = prepare_for_engine(model.eval()), tokenizer
         self.config = cfg = config or EngineConfig()
         mcfg = model.config
         param = next(model.parameters())
@@ -118,8 +120,8 @@ class Engine:
         self.overlap = cfg.overlap if cfg.overlap is not None else self._decode.graphs
         # A step whose sequences each bring at most this many new tokens runs as absorbed rows (`_decode`: a CUDA
         # graph on a GPU). With graphs that takes in whole prompts shorter than a block and the tail a prompt
-        # recomputes after a prefix-cache hit: a prefill step costs ~45 ms of host time on an H100 (bench-684m,
-        # compiled pieces), a graph replay ~1-3 ms. Without graphs only decode and draft-check rows do.
+        # recomputes after a prefix-cache hit: a prefill step costs far more host time than a graph replay
+        # (measured: docs/inference.md#prefix-cache). Without graphs only decode and draft-check rows do.
         self.absorbed_max_query = cfg.block_size if self._decode.graphs else ABSORBED_MAX_QUERY
         self._ahead: _Ahead | None = None  # a decode step launched whose tokens are not read back yet
         self._rng = torch.Generator().manual_seed(cfg.seed)
@@ -160,7 +162,8 @@ class Engine:
 
     def weights_changed(self) -> None:
         """The model's weights were updated in place (RL, a new checkpoint): cached prefixes of the old weights
-        must never serve the new ones, so the cache identity gets a new version (API.md: weights hash + version)."""
+        must never serve the new ones, so the cache identity gets a new version (weights hash + version:
+        docs/api.md#context-caching)."""
         if self.has_unfinished():
             raise RuntimeError("weights_changed() while requests run: finish or abort them first")
         self.weights_version += 1
@@ -171,10 +174,10 @@ class Engine:
 
     def warmup(self) -> None:
         """Record every decode CUDA graph, and compile the prefill's pieces, now rather than at the first step that
-        needs them (GPU; else nothing). Without it a request waits for torch.compile: ~2 s for bench-684m's first
-        prefill on an H100, and again at the first prefill of each range of token counts that the MoE's code
-        branches on (routing and sorting methods): prompts of 7, 16, 32, ... tokens up to a full prefill chunk go
-        through once, and the prefix cache forgets them."""
+        needs them (GPU; else nothing). Without it a request waits for torch.compile (measured:
+        docs/inference.md#cuda-graphs) at the first prefill, and again at the first of each range of token counts
+        that the MoE's code branches on (routing and sorting methods): prompts of 7, 16, 32, ... tokens up to a
+        full prefill chunk go through once, and the prefix cache forgets them."""
         if not self._decode.graphs:
             return
         with torch.inference_mode():
@@ -490,7 +493,7 @@ class _Ahead:
 def _keep_freed_host_memory() -> None:
     """NOTE: glibc hands freed blocks above its mmap threshold (128 KB, adapting up to 32 MB) back to the OS, so on a
     CPU each of a step's logits-sized temporaries (rows x V fp32: 4 MB for 8 rows of DeepSeek's vocabulary)
-    page-faults afresh: a fifth of a tiny-576 decode step on one core. Keep such blocks in the heap instead (what
+    page-faults afresh (measured: docs/inference.md#cpu-engine). Keep such blocks in the heap instead (what
     the tcmalloc that vLLM's CPU backend preloads does). Process-wide; a no-op without glibc's mallopt."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:

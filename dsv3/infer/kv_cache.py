@@ -35,7 +35,7 @@ def default_cache_bytes(device: torch.device, fraction: float) -> int:
 
 
 def allocate_pools(cfg: ModelConfig, num_blocks: int, block_size: int, n_layers: int, dtype, device):
-    """One (num_blocks, block_size, C + Dr) tensor per layer; what PagedKV.kv takes."""
+    """One (num_blocks, block_size, C + Dr) tensor per layer; what PagedKV.kv takes (paged_kv.py)."""
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     return [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device) for _ in range(n_layers)]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsv3 import fp8
 from dsv3.infer.engine import Engine, EngineConfig, RequestOutput
 from dsv3.infer.sampler import SamplingParams
 from dsv3.io import load_model
@@ -25,14 +26,13 @@ class LLM:
                  fp8_weights: bool = False):
         """A checkpoint directory (HF layout, with its tokenizer files) or a built model plus a tokenizer.
         `fp8_weights`: the decoder's linears and routed experts held and multiplied in FP8
-        (dsv3/infer/fp8_weights.py; an FP8 checkpoint's values as they are, a built model converted in place)."""
+        (dsv3/fp8/inference.py; an FP8 checkpoint's values as they are, a built model converted in place)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("a Transformer instance needs its tokenizer (a directory or a Tokenizer)")
             if fp8_weights:  # a built model: converted in place
-                from dsv3.infer.fp8_weights import fp8_weights as convert
-                convert(model)
+                fp8.fp8_weights(model)
         else:
             tokenizer = tokenizer or model
             model = load_model(model, device=device, fp8_weights=fp8_weights,

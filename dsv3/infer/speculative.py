@@ -1,5 +1,5 @@
-"""MTP speculative decoding (SPEC §8.2): the MTP module drafts the token after next, the main model verifies it
-in the same forward that decodes the next one.
+"""MTP speculative decoding (docs/architecture.md#mtp-at-inference): the MTP module drafts the token after next,
+the main model verifies it in the same forward that decodes the next one.
 
 A decoding sequence with a draft d feeds [t_n, d] to the main model: row 0's logits judge d, row 1's give the
 token after d for free if d is accepted, so a step yields 1 or 2 tokens.

@@ -3,9 +3,9 @@ calls) by construction — a token mask from a grammar at every step, never a re
 
 The grammars and their masks come from xgrammar (a maintained library made for this, used by vLLM, SGLang and
 TensorRT-LLM): it compiles JSON schemas and DeepSeek's tool-call format (its builtin "deepseek_r1" structural tag
-is exactly the V3 / R1 layout of API.md) against our tokenizer's byte-level vocabulary, and masks a step in
-microseconds. We chose it over outlines (slower index compilation, a larger dependency tree) and
-lm-format-enforcer (character-level, slower per token).
+is exactly the V3 / R1 layout of docs/api.md#chat-template) against our tokenizer's byte-level vocabulary, and
+masks a step cheaply enough to run at every token. We chose it over outlines (slower index compilation, a larger
+dependency tree) and lm-format-enforcer (character-level, slower per token).
 
 `Structured(tokenizer, vocab_size)` compiles grammars; a `Grammar` goes into `SamplingParams.grammar`, and the
 engine gives every sequence of the request its own matcher, masks that sequence's logits row before sampling and

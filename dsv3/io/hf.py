@@ -1,4 +1,5 @@
-"""Load and save DeepSeek checkpoints in the Hugging Face layout (SPEC §3, §7, §14).
+"""Load and save DeepSeek checkpoints in the Hugging Face layout (docs/architecture.md#checkpoint-layout; FP8
+weights: docs/fp8.md#checkpoint-format).
 
 The name table (ours -> checkpoint) is three rules:
   - main model tensors gain the `model.` prefix (`layers.3.mlp.gate.weight` -> `model.layers.3.mlp.gate.weight`),
@@ -25,8 +26,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dsv3 import fp8
 from dsv3.config import ModelConfig
-from dsv3.io import fp8
+from dsv3.fp8.format import BLOCK, FP8, dequantize, quantize
+from dsv3.fp8.quantize import quantize_blocks
 from dsv3.model import Transformer
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.*)")
@@ -138,8 +141,8 @@ def _read(handles: dict, f: Path, name: str) -> torch.Tensor:
 def read_tensor(handles: dict, wm: dict[str, Path], name: str) -> torch.Tensor:
     """One checkpoint tensor; FP8 weights come back dequantized to fp32 with their `_scale_inv` blocks."""
     t = _read(handles, wm[name], name)
-    if t.dtype == fp8.FP8:
-        t = fp8.dequantize(t, _scale_inv(handles, wm, name), torch.float32, name)
+    if t.dtype == FP8:
+        t = dequantize(t, _scale_inv(handles, wm, name), torch.float32, name)
     return t
 
 
@@ -158,16 +161,15 @@ def _load_fp8(handles: dict, wm: dict[str, Path], name: str, params: dict, key: 
     skey = key + "_scale_inv"
     q_dst, s_dst = params[key].data, params[skey].data
     t = _read(handles, wm[name], name)
-    if t.dtype == fp8.FP8:
+    if t.dtype == FP8:
         s = _scale_inv(handles, wm, name)
     else:  # as fp8_weights() quantizes a loaded model
-        from dsv3.kernels.fp8 import quantize_blocks
         t, s = quantize_blocks(t.to(q_dst.device))
     if where is not None:
         q_dst, s_dst = q_dst[where[0]], s_dst[where[0]]
         if len(where) > 1:
             rows = where[1]
-            q_dst, s_dst = q_dst[rows], s_dst[rows.start // fp8.BLOCK: -(-rows.stop // fp8.BLOCK)]
+            q_dst, s_dst = q_dst[rows], s_dst[rows.start // BLOCK: -(-rows.stop // BLOCK)]
     if tuple(t.shape) != tuple(q_dst.shape) or tuple(s.shape) != tuple(s_dst.shape):
         mis_shaped.append(f"{name}: checkpoint {tuple(t.shape)} with scales {tuple(s.shape)}, model "
                           f"{tuple(q_dst.shape)} with scales {tuple(s_dst.shape)}")
@@ -188,7 +190,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                config: ModelConfig | None = None, fp8_weights: bool = False) -> Transformer:
     """A directory of config.json + (sharded) safetensors in the Hugging Face layout -> Transformer in eval mode.
 
-    `fp8_weights`: the decoder's linears and routed experts held in FP8 for inference (dsv3/infer/fp8_weights.py),
+    `fp8_weights`: the decoder's linears and routed experts held in FP8 for inference (dsv3/fp8/inference.py),
     an FP8 checkpoint's e4m3 values and scales taken as they are (a bf16 one's quantized as they load), so the
     model never exists in bf16. (Routed experts whose width is not a multiple of 128 cannot stack their gate and
     up blocks: such a model loads in `dtype` and is converted after.)"""
@@ -205,12 +207,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         cfg = cfg.replace(num_nextn_predict_layers=0)
     model = build_model(cfg, "meta", dtype)
     if fp8_weights:
-        from dsv3.infer.fp8_weights import fp8_weights as to_fp8
-        if cfg.moe_intermediate_size % fp8.BLOCK:
+        if cfg.moe_intermediate_size % BLOCK:
             model = load_model(path, device, dtype, cfg)
-            to_fp8(model)
+            fp8.fp8_weights(model)
             return model
-        to_fp8(model)  # on the meta device: FP8 modules whose buffers the loop below fills
+        fp8.fp8_weights(model)  # on the meta device: FP8 modules whose buffers the loop below fills
     model = _materialize(model, device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     filled: dict[str, int] = {}  # our key -> elements written (stacked experts are filled in slices)
@@ -223,7 +224,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             if target is None:
                 continue
             key, where = target
-            if key in params and params[key].dtype == fp8.FP8:
+            if key in params and params[key].dtype == FP8:
                 _load_fp8(handles, wm, name, params, key, where, filled, mis_shaped)
                 continue
             t = read_tensor(handles, wm, name)
@@ -295,7 +296,7 @@ def export_tensors(named, dtype: torch.dtype, fp8_blocks: bool, ue8m0: bool):
         if name.endswith("e_score_correction_bias"):
             yield name, t.float()
         elif fp8_blocks and _FP8_NAME.fullmatch(name):
-            q, s = fp8.quantize(t, ue8m0)
+            q, s = quantize(t, ue8m0)
             yield name, q
             yield name + "_scale_inv", s
         else:
@@ -305,7 +306,7 @@ def export_tensors(named, dtype: torch.dtype, fp8_blocks: bool, ue8m0: bool):
 def save_model(model: Transformer, path: str | Path, dtype: torch.dtype | None = None, fp8_blocks: bool = False,
                ue8m0: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write config.json + sharded safetensors + index, atomically (temp dir, then rename)."""
-    if any(b.dtype == fp8.FP8 for b in model.buffers()):
+    if any(b.dtype == FP8 for b in model.buffers()):
         raise ValueError("save_model: this model holds FP8 inference weights (fp8_weights); save the model it was "
                          "made from (fp8_blocks=True writes DeepSeek's FP8 format), or convert with `dsv3 convert`")
     cfg = model.config

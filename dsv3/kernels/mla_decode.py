@@ -1,5 +1,5 @@
-"""Absorbed MLA decode attention over a paged latent cache (SPEC §4.4): one new token per sequence attends over
-the S_b cached latents of its sequence, read block by block through its block table.
+"""Absorbed MLA decode attention over a paged latent cache (docs/architecture.md#absorbed-attention): one new token
+per sequence attends over the S_b cached latents of its sequence, read block by block through its block table.
 
     scores_bhs = (q_c_bhc · c_kv_bsc + q_pe_bhr · k_pe_bsr) · scale      c_kv / k_pe = the pool rows of seq b
     o_bhc = softmax_s(scores) · c_kv_bsc                                  (W_UV is applied by the caller)
@@ -9,24 +9,20 @@ decode cheap in memory traffic — every cached row is read once per sequence fo
 
 When the batch is small, each sequence's tokens are split over several programs (flash-decoding), each writing a
 partial output and its log-sum-exp, merged by a second kernel: at batch 1 a single program would walk the whole
-cache alone (bench-684m on an H200, the 12 layers' calls per step: 210 µs as one program per sequence, 52 + 25 µs
-split 16 ways and merged; at batch 32, 222 against 72 + 31 µs).
+cache alone (measured, with and without splits: docs/inference.md#decode-speed).
 
 `mla_decode` runs the Triton kernel on CUDA tensors (or anywhere under TRITON_INTERPRET=1, which is how CI
 tests it on a CPU) and the torch reference otherwise.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
+from dsv3.kernels import triton, use_triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch reference serves
-    triton = None
 
 
 def mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale, buckets: int = 4):
@@ -45,11 +41,11 @@ def mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale, buckets: 
 def _attend(q_c, q_pe, kv, block_tables, seq_lens, scale):
     (B, H, C), bs = q_c.shape, kv.shape[1]
     n_blocks = -(-int(seq_lens.max()) // bs)
-    # index_select copies whole blocks (2x faster on a CPU than advanced indexing with the 2-D table).
+    # index_select copies whole blocks (faster on a CPU than advanced indexing with the 2-D table).
     lat = kv.index_select(0, block_tables[:, :n_blocks].flatten()).view(B, 1, n_blocks * bs, -1).to(q_c.dtype)
     # Every head attends over the same latent rows (keys q_c·c_kv + q_pe·k_pe against whole rows, values their c_kv
     # part): one head whose H query rows are the heads. SDPA's fused kernel reads the rows once where two bmms and a
-    # softmax read them twice (tiny-576, 16 sequences of ~300 tokens on a CPU: 0.77 against 0.99 ms).
+    # softmax read them twice (measured on a CPU: docs/inference.md#cpu-engine).
     valid = torch.arange(lat.shape[2], device=lat.device) < seq_lens[:, None]  # (B, S)
     o = F.scaled_dot_product_attention(torch.cat((q_c, q_pe), -1).unsqueeze(1), lat, lat,
                                        attn_mask=valid[:, None, None, :], scale=scale)
@@ -118,10 +114,6 @@ if triton is not None:
         tl.store(out + b * s_o_b + h * s_o_h + c, o.to(out.dtype.element_ty), mask=c < C)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def num_splits(batch: int, heads: int, device: torch.device) -> int:
     """Splits of each sequence's tokens so that about two programs per multiprocessor run (flash-decoding): at
     batch 1 one program would walk the whole cache alone. A power of two, 1 to 16."""
@@ -135,7 +127,7 @@ def num_splits(batch: int, heads: int, device: torch.device) -> int:
 def mla_decode(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n: int = 32, splits: int | None = None):
     """(B, H, C) attention output over each sequence's cached latents; see the module docstring. `splits`: how
     many programs share one sequence's tokens (default: `num_splits`)."""
-    if not _use_triton(q_c):
+    if not use_triton(q_c):
         return mla_decode_reference(q_c, q_pe, kv, block_tables, seq_lens, scale)
     return _mla_decode_triton(q_c, q_pe, kv, block_tables, seq_lens, scale, block_n, splits or 0)
 

@@ -7,12 +7,12 @@ block of output columns) walks its expert's rows 16 at a time, reading that bloc
     h_r = silu(x_t · W_gate_eᵀ) ⊙ (x_t · W_up_eᵀ) · w_r        kernel 1, x_t gathered by row r's token t
     y_r = h_r · W_down_eᵀ                                      kernel 2
 
-An expert with no rows costs a program that exits at once. Worth it while experts have few rows each: a
-bench-684m decode step at batch 1 on an H100 spent 230 µs in CUTLASS's grouped GEMMs and their setup kernels (two
-of each per layer), 122 µs in these two kernels. At most 16 rows (one token) need no sort: each program finds its
-expert's rows among them, which spared a batch-1 step 44 of its 400 kernels (1.030 -> 0.954 ms on an H100).
+An expert with no rows costs a program that exits at once. Worth it while experts have few rows each: at decode
+sizes these two kernels take less time than CUTLASS's grouped GEMMs and their setup kernels (two of each per layer).
+At most 16 rows (one token) need no sort: each program finds its expert's rows among them, which spares a batch-1
+step the sort's kernels (both measured: docs/inference.md#decode-speed).
 
-With FP8 weights at inference (e4m3, 128×128 block scales: dsv3/infer/fp8_weights.py) each program widens its
+With FP8 weights at inference (e4m3, 128×128 block scales: dsv3/fp8/inference.py) each program widens its
 weight tiles as it loads them and scales each 128-wide slice of the reduction by its block's scale.
 
 `moe_ffn` runs these kernels on CUDA tensors (or under TRITON_INTERPRET=1, how CI tests them on a CPU).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.kernels.mla_decode import _use_triton, triton
+from dsv3.kernels import triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -112,8 +112,8 @@ if triton is not None:
 
 
 # Block sizes and launch settings for up to 16 rows (a few tokens) and for more: the fastest of
-# benchmarks/sweep_moe_decode.py on an H100 at batch 1 and 32 (bench-684m; sweep_moe_decode_h100.json). Per layer,
-# gate/up 7.3 and 25.1 µs, down 3.8 and 13.5 µs (either setting costs the other batch 17-36% more).
+# benchmarks/sweep_moe_decode.py on an H100 at batch 1 and 32 (bench-684m; either setting is slower for the other
+# batch; measured: docs/inference.md#decode-speed).
 GATE_UP = {"few": dict(BLOCK_F=32, BLOCK_D=256, num_warps=4, num_stages=4),
            "many": dict(BLOCK_F=32, BLOCK_D=128, num_warps=4, num_stages=2)}
 DOWN = {"few": dict(BLOCK_N=32, BLOCK_F=64, num_warps=2, num_stages=4),
@@ -124,7 +124,7 @@ def usable(x: torch.Tensor, rows: int, experts: int, fp8: bool = False) -> bool:
     """These kernels serve (rather than the grouped GEMM) inference steps whose experts have 8 rows or fewer on
     average: every program reads its block of weights once per 16 of its expert's rows. With FP8 weights, steps of
     any size: the alternative, a dequantized copy of a layer's experts, would not even fit for DeepSeek-V3."""
-    return _use_triton(x) and not torch.is_grad_enabled() and (fp8 or rows <= 8 * experts)
+    return use_triton(x) and not torch.is_grad_enabled() and (fp8 or rows <= 8 * experts)
 
 
 FEW = 16  # rows up to which the kernels take them unsorted (one chunk of BLOCK_M)

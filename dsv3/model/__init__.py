@@ -5,7 +5,6 @@ Shape legend (used in comments and name suffixes across dsv3):
   C kv_lora_rank, Q q_lora_rank, E routed experts, K top-k, G expert groups, V vocab, F expert hidden,
   N = T·K routed rows, L layers.
 """
-from dsv3.model.cache import PagedKV
 from dsv3.model.transformer import ModelOutput, Transformer
 
-__all__ = ["PagedKV", "ModelOutput", "Transformer"]
+__all__ = ["ModelOutput", "Transformer"]

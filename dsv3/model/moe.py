@@ -1,9 +1,10 @@
-"""DeepSeekMoE (SPEC §6, §9): fine-grained routed experts + shared experts, every gate variant.
+"""DeepSeekMoE (DeepSeek-V3 report §2.1.2): fine-grained routed experts + shared experts, every gate variant
+(docs/architecture.md#routing, docs/architecture.md#experts).
 
-Routed experts run as one grouped GEMM over the N·K (token, expert) rows sorted by expert: no loop over
-experts, no capacity factor, no token dropping. The sequence-wise balance loss (§9.2) enters through autograd
-right here (`_AttachLoss`), so it reaches the router even when layers run in pipeline stages that pass only
-hidden states between them.
+How the (token, expert) rows reach their experts is kernels/moe.py's (`routed_experts`: grouped GEMM over rows
+sorted by expert, no capacity factor, no token dropping). The sequence-wise balance loss
+(docs/architecture.md#sequence-wise-balance-loss) enters through autograd right here (`_AttachLoss`), so it
+reaches the router even when layers run in pipeline stages that pass only hidden states between them.
 """
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.kernels import moe_decode
-from dsv3.kernels.grouped_mm import grouped_mm
-from dsv3.model.fuse import fuse_rows
+from dsv3.kernels.moe import grouped_swiglu, routed_experts
 
 
 class MLP(nn.Module):
@@ -25,18 +24,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.gate_up: torch.Tensor | None = None  # set by fuse_projections()
+
+    def _gate_up(self, x):
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x):
-        if self.gate_up is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self._gate_up(x)
         return self.down_proj(F.silu(gate) * up)
-
-    def fuse_projections(self) -> None:
-        """Inference: gate and up as one GEMM (see `fuse_rows`)."""
-        self.gate_up = fuse_rows(self.gate_up, self.gate_proj, self.up_proj)
 
 
 class Gate(nn.Module):
@@ -49,18 +43,18 @@ class Gate(nn.Module):
         self.scale = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if self.method == "noaux_tc":
-            # Aux-loss-free balancing bias (§9.1): selection only, never trained by gradients, kept in fp32.
+            # Aux-loss-free balancing bias (docs/architecture.md#auxiliary-loss-free-balancing): selection only,
+            # never trained by gradients, kept in fp32.
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _logits(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Token-to-expert affinity logits u_t · e_i in fp32: (N, E)."""
+        return F.linear(x_ND.float(), self.weight.float())
 
     def forward(self, x_ND: torch.Tensor):
         N, E = x_ND.shape[0], self.weight.shape[0]
         with torch.autocast(x_ND.device.type, enabled=False):  # routing decisions in fp32, also under autocast
-            if torch.compiler.is_compiling() and N <= 256:
-                # Decode: a reduction that Inductor fuses with the weight's cast and the scoring below (cuBLAS ran
-                # this GEMV as two kernels, after a third that cast the weight).
-                logits_NE = (x_ND.float().unsqueeze(1) * self.weight.float()).sum(-1)
-            else:
-                logits_NE = F.linear(x_ND.float(), self.weight.float())
+            logits_NE = self._logits(x_ND)
         scores_NE = logits_NE.sigmoid() if self.scoring == "sigmoid" else logits_NE.softmax(-1)
         choice_NE = scores_NE.detach()
         if self.method == "noaux_tc":
@@ -89,8 +83,8 @@ RANK_TOPK_MAX = 1 << 22  # tokens x experts² up to which a router's top-k is ta
 def _rank(x_NG: torch.Tensor) -> torch.Tensor:
     """Each entry's place in its row in descending order, ties broken by index: the top-k of a row are the entries
     of rank < k. For the few groups of group-limited routing, and the experts of a few tokens, a (G, G)
-    comparison beats a topk call (sort kernels: 7% of a bench-684m decode step on an H200) and fuses with the
-    routing around it."""
+    comparison beats a topk call (its sort kernels: measured in docs/inference.md#decode-speed) and fuses with
+    the routing around it."""
     i = torch.arange(x_NG.shape[-1], device=x_NG.device)
     a, b = x_NG.unsqueeze(-1), x_NG.unsqueeze(-2)  # entry g against every entry h
     return ((b > a) | ((b == a) & (i < i[:, None]))).sum(-1)
@@ -99,18 +93,17 @@ def _rank(x_NG: torch.Tensor) -> torch.Tensor:
 def _top2_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of the two largest values along the last dim (ties count twice, as topk(2) would).
 
-    Two max reductions instead of a topk: 6% of a compiled bench-684m step was spent in topk, and these fuse.
+    Two max reductions instead of a topk: they fuse with the routing, topk's sort kernels do not (measured:
+    docs/training.md).
     """
     first = x.amax(-1, keepdim=True)
     second = x.scatter(-1, x.argmax(-1, keepdim=True), float("-inf")).amax(-1, keepdim=True)
     return (first + second).squeeze(-1)
 
 
-COUNTING_SORT_MAX = 1 << 16  # (token, expert) rows x experts up to which rows are ordered by a counting sort
-
-
 class Experts(nn.Module):
-    """All routed experts of a layer as stacked weights (transformers 5 in-memory layout)."""
+    """All routed experts of a layer as stacked weights (transformers 5 in-memory layout): expert e's FFN is
+    down_e(silu(gate_e(u)) ⊙ up_e(u)), and a token's output is Σ_k w_k · FFN_{e_k}(u) over its K experts."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -118,83 +111,21 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))  # rows [0, F) gate, [F, 2F) up
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
 
-    def weight_scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The 128×128 block scales of gate_up_proj and down_proj when they are e4m3 (FP8 weights at inference,
-        dsv3/infer/fp8_weights.py); None: they are plain weights."""
-        return None
-
     def forward(self, x_ND, w_NK, idx_NK):
-        N, K = idx_NK.shape
-        w1, w2, scales = self.gate_up_proj, self.down_proj, self.weight_scales()
-        E = w1.shape[0]
-        flat = idx_NK.flatten()  # (N·K,)
-        triton_ffn = moe_decode.usable(x_ND, flat.numel(), E, fp8=scales is not None)
-        if scales is not None and not triton_ffn:  # e4m3 weights without the kernels (a CPU): dequantized per call
-            from dsv3.io.fp8 import dequantize_blocks
-            w1, w2 = (dequantize_blocks(w, s).to(x_ND.dtype) for w, s in zip((w1, w2), scales))
-        # One token (decode at batch 1): the kernels pick each expert's rows out of `flat`, no sort. (On N alone:
-        # a torch.compile for N >= 2 then takes no guard on N here, and serves every batch size.)
-        if triton_ffn and N == 1 and K <= moe_decode.FEW:
-            counts_E = F.one_hot(flat, E).sum(0)
-            y_NKD = moe_decode.moe_ffn(x_ND, w1, w2, flat, w_NK.flatten(), K, scales=scales).view(N, K, -1)
-            return y_NKD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
-        if flat.numel() * E <= COUNTING_SORT_MAX:  # decode-sized: a counting sort, no sort kernels
-            onehot = F.one_hot(flat, E)  # (N·K, E)
-            counts_E = onehot.sum(0)
-            rank = onehot.cumsum(0).gather(1, flat[:, None])[:, 0] - 1  # earlier rows of the same expert
-            if x_ND.device.type == "cpu" and not triton_ffn and not torch.is_grad_enabled():
-                m = int(counts_E.max())
-                if m * E <= 4 * flat.numel():  # padding at most quadruples the rows
-                    return self._padded(x_ND, w_NK, flat * m + rank, m, w1, w2), counts_E
-            dest = (counts_E.cumsum(0) - counts_E)[flat] + rank
-            order = torch.empty_like(flat).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
-        else:
-            # scatter_add, not bincount: a static output shape keeps torch.compile from breaking the graph here.
-            counts_E = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat,
-                                                                                      torch.ones_like(flat))
-            order = flat.argsort(stable=True)
-            dest = torch.empty_like(order).scatter_(0, order, torch.arange(flat.numel(), device=flat.device))
-        # `order`: rows sorted by expert, stably (the same permutation either way: deterministic); `dest` its inverse
-        offs, w_sorted = counts_E.cumsum(0).to(torch.int32), w_NK.flatten()[order]
-        if triton_ffn:
-            y_sorted = moe_decode.moe_ffn(x_ND, w1, w2, order, w_sorted, K, offs, scales)
-        else:
-            y_sorted = self.ffn(x_ND[order // K], w_sorted, offs, w1, w2)
-        y_NKD = y_sorted[dest].view(N, K, -1)
-        # Sum over each token's K experts with fp32 accumulation; a fixed order keeps it deterministic.
-        return y_NKD.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype), counts_E
-
-    def _padded(self, x_ND, w_NK, pos, m, w1, w2):
-        """CPU inference, few rows: each expert's rows padded to the largest count `m` (row p of (token, expert)
-        pairs at `pos[p]`), then two batched matmuls. oneDNN's grouped GEMM runs one matmul per expert, ~30 µs each
-        however small (tiny-576's 128 decode rows over 8 experts: 255 µs a call, a batched matmul 70 µs)."""
-        (N, K), (E, _, D) = w_NK.shape, w1.shape
-        x = x_ND.new_zeros(E * m, D).index_copy_(0, pos, x_ND.repeat_interleave(K, 0))
-        w = x_ND.new_zeros(E * m).index_copy_(0, pos, w_NK.flatten().to(x_ND.dtype))
-        gate, up = torch.bmm(x.view(E, m, D), w1.transpose(1, 2).to(x.dtype)).chunk(2, dim=-1)
-        h = F.silu(gate) * up * w.view(E, m, 1)
-        y = torch.bmm(h, w2.transpose(1, 2).to(x.dtype)).view(E * m, D)[pos].view(N, K, D)
-        return y.sum(1, dtype=accumulation_dtype(x_ND.dtype)).to(x_ND.dtype)
+        """-> y_ND, tokens per expert counts_E; how the rows reach their experts: dsv3/kernels/moe.py."""
+        return routed_experts(x_ND, w_NK, idx_NK, self.gate_up_proj, self.down_proj, ffn=self.ffn)
 
     def ffn(self, x_sorted, w_sorted, offs, gate_up_proj=None, down_proj=None):
         """SwiGLU of each expert over its rows (sorted by expert, group ends `offs`), scaled by routing weights;
         of these experts' weights unless others are given (an expert-parallel rank's share)."""
         gate_up_proj = self.gate_up_proj if gate_up_proj is None else gate_up_proj
         down_proj = self.down_proj if down_proj is None else down_proj
-        gate, up = grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        # The routing weight scales the activation before the (linear) down projection: same result, and it
-        # fuses into the SwiGLU elementwise instead of a pass over the (N·K, D) output.
-        h = F.silu(gate) * up * w_sorted.unsqueeze(-1).to(up.dtype)
-        return grouped_mm(h, down_proj.transpose(1, 2), offs)  # (rows, D)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums over experts in fp32 at least (bf16 inputs), in float64 for float64 (tests)."""
-    return torch.promote_types(dtype, torch.float32)
+        return grouped_swiglu(x_sorted, w_sorted, offs, gate_up_proj, down_proj)
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
-    """Σ_i f_i·P_i per sequence, averaged over the batch (SPEC §9.2, without α).
+    """Σ_i f_i·P_i per sequence, averaged over the batch, without α
+    (docs/architecture.md#sequence-wise-balance-loss).
 
     f counts the experts actually selected (bias included): the paper writes Topk over s, implementations use
     the routing decision; we use the decision, which is what the bias steers.

@@ -1,8 +1,10 @@
-"""Rotary position embedding on the decoupled rope dims, with YaRN (SPEC §4.3, §5).
+"""Rotary position embedding on the decoupled rope dims, with YaRN (docs/architecture.md#rope-layout,
+docs/architecture.md#yarn).
 
-We follow transformers' reading of the config where it differs from the official code (SPEC §5.2): YaRN is on
-iff `rope_scaling.type == "yarn"`; cos/sin carry `attention_factor`; the logit multiplier m² comes from
-`mscale_all_dim`. With both `mscale` keys present (every DeepSeek config) the two readings agree.
+We follow transformers' reading of the config where it differs from the official code
+(docs/architecture.md#yarn): YaRN is on iff `rope_scaling.type == "yarn"`; cos/sin carry `attention_factor`; the
+logit multiplier m² comes from `mscale_all_dim`. With both `mscale` keys present (every DeepSeek config) the two
+readings agree.
 """
 from __future__ import annotations
 

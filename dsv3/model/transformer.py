@@ -2,7 +2,7 @@
 
 Parameter names equal the Hugging Face checkpoint names below `model.` (`layers.3.self_attn.kv_b_proj.weight`),
 so the name table in `dsv3/io/hf.py` stays small: it adds the prefix, splits the stacked experts into
-per-expert tensors and maps `mtp.k.*` to `model.layers.{L+k}.*` (SPEC §3).
+per-expert tensors and maps `mtp.k.*` to `model.layers.{L+k}.*` (docs/architecture.md#checkpoint-layout).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.cache import PagedKV
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
@@ -38,7 +37,8 @@ class Block(nn.Module):
 
 
 class SharedHead(nn.Module):
-    """MTP's own final norm; the head matrix itself is the main model's lm_head (SPEC §8.2)."""
+    """MTP's own final norm; the head matrix itself is the main model's lm_head
+    (docs/architecture.md#mtp-at-inference)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -46,7 +46,8 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(Block):
-    """MTP module k (SPEC §8): h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a MoE block."""
+    """MTP module k (docs/architecture.md#multi-token-prediction):
+    h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), then a MoE block."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
@@ -138,22 +139,14 @@ class Transformer(nn.Module):
         """MoE modules in forward order (main layers, then MTP): the rows of ModelOutput.expert_counts."""
         return [b.mlp for b in (*self.layers, *self.mtp) if isinstance(getattr(b, "mlp", None), MoE)]
 
-    def fuse_projections(self) -> "Transformer":
-        """Inference: every pair of projections of the same input becomes one GEMM (q_a / q with kv_a; an MLP's
-        gate with its up). Parameters keep their names and values; see `dsv3.model.fuse.fuse_rows`."""
-        for m in self.modules():
-            if isinstance(m, (MLA, MLP)):
-                m.fuse_projections()
-        return self
-
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: PagedKV | None = None,
-                mtp: bool = False) -> ModelOutput:
+                doc_ids: torch.Tensor | None = None, cache=None, mtp: bool = False) -> ModelOutput:
         """Training / full-sequence: input_ids (B, T), optional doc_ids (B, T) for packed documents.
 
-        With a cache: input_ids (T,) flattened over sequences, positions (T,) required; logits only for
-        `cache.logits_indices` rows when given.
+        With the inference engine's paged cache (dsv3/infer/kv_cache.py: PagedKV, attended over by the engine's
+        MLA after dsv3.infer.transform.prepare_for_engine): input_ids (T,) flattened over sequences, positions (T,)
+        required; logits only for `cache.logits_indices` rows when given.
         """
         routes = []  # per MoE block: (tokens per expert, balance loss or None)
         mask = None
@@ -180,11 +173,12 @@ class Transformer(nn.Module):
         bal = torch.stack(bals).sum() if bals else None
         return ModelOutput(self.lm_head(out_h), h, mtp_logits, counts, bal)
 
-    def draft(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: PagedKV,
+    def draft(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache,
               depth: int = 1) -> torch.Tensor:
-        """MTP module `depth` over a flat batch with its own paged latent cache (inference, SPEC §8.2): row i holds
-        the main model's final-normed hidden h_i at `positions[i]` and the token t_{i+1} that followed it;
-        returns logits for t_{i+2} at `cache.logits_indices` rows."""
+        """MTP module `depth` over a flat batch with its own paged latent cache (inference:
+        docs/architecture.md#mtp-at-inference): row i holds the main model's final-normed hidden h_i at
+        `positions[i]` and the token t_{i+1} that followed it; returns logits for t_{i+2} at `cache.logits_indices`
+        rows."""
         layer = self.mtp[depth - 1]
         cos, sin = rope.cos_sin(positions, self.rope_inv_freq, self.rope_factor)
         h, _ = layer(hidden, self.embed_tokens(next_ids), cos, sin, None, cache)

@@ -27,7 +27,7 @@ from dsv3.tokenizer import Tokenizer
 from dsv3.train import parallel
 from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from dsv3.train.config import TrainConfig
-from dsv3.train.fp8 import apply_fp8
+from dsv3.fp8 import apply_fp8
 from dsv3.train.metrics import MetricsLog, plot_run, start_profile, time_breakdown
 from dsv3.train.objective import (max_violation, mtp_loss, next_token_loss, set_balance_loss,
                                   update_balance_bias)

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dnn
 
-from dsv3.model.moe import Experts, accumulation_dtype
+from dsv3.kernels.moe import accumulation_dtype
+from dsv3.model.moe import Experts
 from dsv3.train.pipeline import n_stages, pipeline_microbatches
 
 

@@ -1,22 +1,28 @@
-"""FP8 weights at inference: the decoder's linears held as DeepSeek's checkpoints store them (SPEC §7.1: e4m3 with
-one fp32 scale per 128×128 block), half the memory of bf16, and multiplied as they are (`fp8_weight_mm`: the
-activations stay bf16, fp32 accumulation; on a GPU a Triton kernel widens each weight tile as it loads it).
+"""FP8 weights at inference (docs/fp8.md#fp8-inference-weights): the decoder's linears held as DeepSeek's
+checkpoints store them (docs/fp8.md#checkpoint-format: e4m3 with one fp32 scale per 128×128 block), half the memory
+of bf16, and multiplied as they are (`fp8_weight_mm`: the activations stay bf16, fp32 accumulation; on a GPU a
+Triton kernel widens each weight tile as it loads it).
 
-The routed experts (the bulk of an MoE's weights) likewise: their stacked e4m3 weights go through the decode
-kernels of dsv3/kernels/moe_decode.py, which scale each 128-wide slice of a reduction by its block's scale, at any
-row count (a dequantized copy of a layer's experts would not fit for DeepSeek-V3); a CPU dequantizes per call.
+The routed experts (the bulk of an MoE's weights) likewise: `Fp8WeightExperts` passes its block scales to
+`routed_experts` (dsv3/kernels/moe.py), whose decode kernels scale each 128-wide slice of a reduction by its block's
+scale, at any row count (a dequantized copy of a layer's experts would not fit for DeepSeek-V3); where those
+kernels do not run (a CPU) it dequantizes per call.
 
 `fp8_weights(model)` converts a loaded model in place; `load_model(path, fp8_weights=True)` builds the FP8 modules
 first and fills them from the checkpoint, an FP8 one's values as stored. Which weights: those DeepSeek stores in
 FP8 (attention projections, dense MLPs, shared and routed experts), except kv_b_proj, which absorbed attention
-folds into the query and the output as dense matrices (SPEC §4.4).
+folds into the query and the output as dense matrices (docs/architecture.md#absorbed-attention).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dsv3.kernels.fp8 import fp8_weight_mm, quantize_blocks
+from dsv3.fp8.format import dequantize_blocks
+from dsv3.fp8.gemm import fp8_weight_mm
+from dsv3.fp8.quantize import quantize_blocks
+from dsv3.kernels import moe_decode
+from dsv3.kernels.moe import routed_experts
 from dsv3.model.moe import Experts
 
 KEEP = ("kv_b_proj", "eh_proj")  # kv_b_proj: see the docstring; eh_proj is bf16 in DeepSeek's checkpoints too
@@ -58,8 +64,14 @@ class Fp8WeightExperts(Experts):
             self.register_buffer(name, q)
             self.register_buffer(name + "_scale_inv", s)
 
-    def weight_scales(self):
-        return self.gate_up_proj_scale_inv, self.down_proj_scale_inv
+    def forward(self, x_ND, w_NK, idx_NK):
+        w1, w2 = self.gate_up_proj, self.down_proj
+        scales = (self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
+        if moe_decode.usable(x_ND, idx_NK.numel(), w1.shape[0], fp8=True):  # the kernels scale the e4m3 tiles
+            return routed_experts(x_ND, w_NK, idx_NK, w1, w2, scales)
+        # Without them (a CPU) the weights are dequantized per call.
+        w1, w2 = (dequantize_blocks(w, s).to(x_ND.dtype) for w, s in zip((w1, w2), scales))
+        return routed_experts(x_ND, w_NK, idx_NK, w1, w2)
 
 
 def fp8_weights(model: nn.Module, ue8m0: bool = False) -> dict:

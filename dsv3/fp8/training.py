@@ -1,4 +1,5 @@
-"""FP8 mixed-precision training (DeepSeek-V3 §3.3, SPEC §7.4): `apply_fp8(model)` converts a built model in place.
+"""FP8 mixed-precision training (DeepSeek-V3 report §3.3, docs/fp8.md#training-recipe): `apply_fp8(model)` converts
+a built model in place.
 
 Every GEMM of the decoder layers' linears and routed experts runs in E4M3 with fp32 accumulation:
 
@@ -14,7 +15,7 @@ do not change, so an FP8 run saves, resumes and exports like any other.
 
 Routed experts: rows are dispatched to a buffer where every expert's rows start at a multiple of 128 (zero
 rows pad each group), so no 1×128 tile straddles two experts along the token dim, and the grouped GEMMs of
-`dsv3.kernels.fp8_grouped` run without a host sync (the buffer has a static upper-bound size); groups of
+`dsv3.fp8.grouped` run without a host sync (the buffer has a static upper-bound size); groups of
 CUBLAS_ROWS rows or more on average go to cuBLAS per expert instead, after one sync for the group ends.
 """
 from __future__ import annotations
@@ -22,8 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.kernels.fp8 import BLOCK, fp8_mm, quantize_blocks, quantize_rows
-from dsv3.kernels.fp8_grouped import grouped_fp8_mm, grouped_fp8_mm_wgrad
+from dsv3.fp8.format import BLOCK
+from dsv3.fp8.gemm import fp8_mm
+from dsv3.fp8.grouped import grouped_fp8_mm, grouped_fp8_mm_wgrad
+from dsv3.fp8.quantize import quantize_blocks, quantize_rows
 from dsv3.model.moe import Experts
 
 
@@ -113,9 +116,9 @@ class Fp8Experts(Experts):
 
 HIGH_PRECISION = ("lm_head", "eh_proj")  # and everything that is not an nn.Linear or Experts (router, norms)
 # A linear with a side under this stays bf16: on an H100 its FP8 GEMMs plus the quantization of their inputs
-# were slower than bf16 (benchmarks/results/bench_fp8_gemm.json: N=576 0.33x, K=512 0.80x Fprop at 16K tokens).
-# So does one with a side that is not a multiple of 128: cuBLAS's block-scaled GEMM needs the reduction dim in
-# whole 128-blocks (Dgrad reduces over the output features), and the emulation is ~20x slower.
+# were slower than bf16 (measured: docs/fp8.md#fp8-training). So does one with a side that is not a multiple of
+# 128: cuBLAS's block-scaled GEMM needs the reduction dim in whole 128-blocks (Dgrad reduces over the output
+# features), and the emulation is far slower.
 MIN_FP8_DIM = 1024
 
 

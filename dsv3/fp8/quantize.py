@@ -1,4 +1,4 @@
-"""FP8 (E4M3) quantization with fine-grained scales and the block-scaled GEMM (SPEC §7.2, §7.4).
+"""FP8 (E4M3) quantization with fine-grained scales for training (docs/fp8.md#training-recipe).
 
     activations, activation gradients: one scale per 1×128 tile (a token × 128 channels)   `quantize_rows`
     weights: one scale per 128×128 block                                                    `quantize_blocks`
@@ -8,9 +8,8 @@
 
 `quantize_rows(x, both=True)` also returns x^T quantized along the other axis (1×128 tiles down the token dim),
 which the weight-gradient GEMM needs: two Triton kernels on the GPU, one along each axis (writing xᵀ through a
-transposed tile, coalesced). `fp8_mm(a, b)` is C = A·Bᵀ over quantized operands: `torch._scaled_mm` with
-block-wise scales on Hopper (cuBLAS, fp32 accumulation), and an exact emulation elsewhere (dequantize, fp32
-matmul) so CPU runs and CI compute the same function.
+transposed tile, coalesced). Each kernel sits beside its torch reference (`*_reference`), which serves where
+Triton does not run. The GEMMs over these operands are in `dsv3/fp8/gemm.py` and `dsv3/fp8/grouped.py`.
 
 Triton's interpreter casts fp32 → float8e4nv wrongly (values that round up to a power of two come back halved,
 ties round away from zero), so under TRITON_INTERPRET=1 the kernel stores the scaled fp32 values and torch
@@ -18,18 +17,14 @@ does the final cast; on the GPU the kernel casts itself.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from dsv3.io.fp8 import BLOCK, FP8, FP8_MAX, dequantize_blocks  # noqa: F401  (the checkpoint format's)
+from dsv3.fp8.format import BLOCK, FP8, FP8_MAX
+from dsv3.kernels import interpreting, triton, use_triton
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch reference serves
-    triton = None
 
 AMAX_MIN = 1e-4
 INV_MAX = 1 / FP8_MAX  # scale = amax · fp32(1/448): one multiply, the same bits in torch (any device) and Triton
@@ -74,19 +69,11 @@ def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype=torch.float32) -> to
     return (q.to(dtype) * s.to(dtype).repeat_interleave(BLOCK, -1)[..., :K])
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or _interpret())
-
-
 def quantize_rows(x: torch.Tensor, ue8m0: bool = False, both: bool = False):
     """x (M, K) → (q, s) with 1×128 tiles along K; with `both`, also (qt (K, M), st (K, ceil(M/128))): xᵀ
     quantized in 1×128 tiles along M (the operand of a GEMM that reduces over tokens). On the GPU the scales
     come M- (K-) contiguous, the layout cuBLAS's block-scaled GEMM reads without a copy."""
-    if not _use_triton(x):
+    if not use_triton(x):
         q, s = quantize_rows_reference(x, ue8m0)
         return (q, s, *quantize_rows_reference(x.t(), ue8m0)) if both else (q, s)
     launch = _quantize_rows_op if torch.compiler.is_compiling() else _quantize_rows_launch  # eager: no op dispatch
@@ -97,7 +84,7 @@ def quantize_rows(x: torch.Tensor, ue8m0: bool = False, both: bool = False):
 def quantize_blocks(w: torch.Tensor, ue8m0: bool = False, transposed: bool = False):
     """w (..., N, K) → (q, s) with 128×128 blocks; with `transposed`, also qt = qᵀ (..., K, N) contiguous (the
     weight operand of the Dgrad GEMM; its scales are sᵀ)."""
-    if not _use_triton(w):
+    if not use_triton(w):
         q, s = quantize_blocks_reference(w, ue8m0)
         return (q, s, q.transpose(-1, -2).contiguous()) if transposed else (q, s)
     launch = _quantize_blocks_op if torch.compiler.is_compiling() else _quantize_blocks_launch
@@ -106,7 +93,7 @@ def quantize_blocks(w: torch.Tensor, ue8m0: bool = False, transposed: bool = Fal
 
 def _finish(out: list[torch.Tensor]) -> tuple:
     """Under the interpreter the kernels stored fp32 values where fp8 goes (even places): torch casts them."""
-    return tuple(_cast(t) if _interpret() and i % 2 == 0 else t for i, t in enumerate(out))
+    return tuple(_cast(t) if interpreting() and i % 2 == 0 else t for i, t in enumerate(out))
 
 
 if triton is not None:
@@ -143,8 +130,8 @@ if triton is not None:
     def _quant_cols_kernel(x_ptr, qt_ptr, st_ptr, M, K, BK: tl.constexpr, UE8M0: tl.constexpr, GPU: tl.constexpr):
         """One program: 128 rows × BK columns of x -> those columns of xᵀ quantized along the rows (qt (K, M),
         written through a transposed tile: coalesced along M) and their scales st (M/128, K). A kernel of its own:
-        fused into the row kernel, the 128×128 tile's transposed store ran at 3.2× the memory floor on an H100,
-        the two kernels at 2×."""
+        fused into the row kernel, the 128×128 tile's transposed store ran further from the memory floor than the
+        two kernels do (measured: docs/fp8.md#fp8-training)."""
         pm, pk = tl.program_id(0), tl.program_id(1)
         rows = pm * 128 + tl.arange(0, 128)
         cols = pk * BK + tl.arange(0, BK)
@@ -172,68 +159,15 @@ if triton is not None:
             tl.store(qt_ptr + base + cols[None, :] * N + rows[:, None], y, mask=mask)
         tl.store(s_ptr + (e * nnb + pn) * nkb + pk, s)
 
-    @triton.jit
-    def _w8_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, s_x, s_y, s_s,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One program: BLOCK_M rows × BLOCK_N output features (inside one 128-row block of W) of y = x · Wᵀ, W's
-        e4m3 values widened to x's dtype, each 128-wide slice of the reduction scaled by its block's scale in fp32."""
-        pm, pn = tl.program_id(0), tl.program_id(1)
-        rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm, cm = rows < M, cols < N
-        scales = s_ptr + (pn * BLOCK_N // 128) * s_s
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, 128):
-            k = k0 + tl.arange(0, 128)
-            km = k < K
-            x = tl.load(x_ptr + rows[:, None] * s_x + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * K + k[:, None], mask=cm[None, :] & km[:, None], other=0.0)  # Wᵀ
-            acc += tl.dot(x, w.to(x.dtype)) * tl.load(scales + k0 // 128)
-        tl.store(y_ptr + rows[:, None] * s_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=rm[:, None] & cm[None, :])
-
-
-def fp8_weight_mm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    """y (M, N) = x (M, K) · Wᵀ for W (N, K) held in e4m3 with 128×128 block scales ws (ceil(N/128), ceil(K/128)):
-    weight-only FP8 at inference (x keeps its dtype, as does y), fp32 accumulation. A Triton kernel on the GPU;
-    elsewhere W is dequantized (in fp32, then rounded once to x's dtype) for an ordinary matmul."""
-    if not _use_triton(x):
-        return F.linear(x, dequantize_blocks(wq, ws).to(x.dtype))
-    return _w8_mm_op(x, wq, ws)
-
-
-# Launch settings: (BLOCK_M, BLOCK_N, num_warps) for up to 16 rows (decode) and for more. BLOCK_N divides 128.
-W8_MM = {"few": (16, 32, 4), "many": (64, 128, 8)}
-
-
-@torch.library.custom_op("dsv3::fp8_weight_mm", mutates_args=())
-def _w8_mm_op(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    (M, K), N = x.shape, wq.shape[0]
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    wq, ws = wq.contiguous(), ws.float().contiguous()
-    y = x.new_empty(M, N)
-    bm, bn, warps = W8_MM["few" if M <= 16 else "many"]
-    if M:
-        _w8_mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x, wq, ws, y, M, N, K, x.stride(0), y.stride(0),
-                                                                 ws.stride(0), BLOCK_M=bm, BLOCK_N=bn,
-                                                                 num_warps=warps)
-    return y
-
-
-@_w8_mm_op.register_fake
-def _(x, wq, ws):
-    return x.new_empty(x.shape[0], wq.shape[0])
-
-
 def _store_dtype():
-    return torch.float32 if _interpret() else FP8
+    return torch.float32 if interpreting() else FP8
 
 
 def _quantize_rows_launch(x: torch.Tensor, ue8m0: bool, both: bool) -> list[torch.Tensor]:
     M, K = x.shape
     nkb, nmb = -(-K // BLOCK), -(-M // BLOCK)
     q, s = torch.empty(M, K, dtype=_store_dtype(), device=x.device), torch.empty(nkb, M, device=x.device)
-    gpu = not _interpret()
+    gpu = not interpreting()
     _quant_rows_kernel[(triton.cdiv(M, 32), nkb)](x, q, s, M, K, BM=32, UE8M0=ue8m0, GPU=gpu, num_warps=4)
     if not both:
         return [q, s]  # scales transposed: (K/128, M)
@@ -254,7 +188,7 @@ def _quantize_blocks_launch(w: torch.Tensor, ue8m0: bool, transposed: bool) -> l
     s = torch.empty(*lead, nnb, nkb, device=w.device)
     if E:
         _quant_blocks_kernel[(nnb, nkb, E)](w, q, qt, s, N, K, nnb, nkb, TRANS=in_kernel, UE8M0=ue8m0,
-                                            GPU=not _interpret(), num_warps=8)
+                                            GPU=not interpreting(), num_warps=8)
     if transposed and not in_kernel:
         qt = q.transpose(-1, -2).contiguous()
     return [q, s, qt] if transposed else [q, s]
@@ -280,25 +214,3 @@ def _(w, ue8m0, transposed):
     q, s = w.new_empty(w.shape, dtype=_store_dtype()), w.new_empty(*lead, -(-N // BLOCK), -(-K // BLOCK),
                                                                     dtype=torch.float32)
     return [q, s, w.new_empty(*lead, K, N, dtype=q.dtype)] if transposed else [q, s]
-
-
-def _scaled_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
-            and a.shape[1] % BLOCK == 0 and a.shape[0] % 16 == 0 and b.shape[0] % 16 == 0)
-
-
-def fp8_mm(a_q, a_s, b_q, b_s, b_blocks: bool, out_dtype=torch.bfloat16) -> torch.Tensor:
-    """C (M, N) = A (M, K) · B (N, K)ᵀ with fp32 accumulation. a_s (M, K/128): 1×128 tiles. b_s: (N/128, K/128)
-    128×128 blocks when `b_blocks` (a weight), else (N, K/128) 1×128 tiles (an activation)."""
-    if _scaled_mm_ok(a_q, b_q):
-        # cuBLAS block-scaled GEMM: B column-major; 1×128 scales outer-dim-major (M- / N-contiguous).
-        sa = a_s.t().contiguous().t()
-        if b_blocks and b_s.shape[1] % 4 == 0:  # (K/128, N/128), K-contiguous
-            sb = b_s.contiguous().t()
-        else:  # 1×128 tiles, (K/128, N) N-contiguous; cuBLAS takes 128×128 blocks only for K/128 % 4 == 0, so
-            # other weights go as 1×128 tiles (each block's scale repeated over its rows: the same numbers)
-            sb = (b_s.repeat_interleave(BLOCK, 0)[:b_q.shape[0]] if b_blocks else b_s).t().contiguous()
-        return torch._scaled_mm(a_q, b_q.t(), sa, sb, out_dtype=out_dtype)
-    a = dequantize_rows(a_q, a_s)
-    b = dequantize_blocks(b_q, b_s) if b_blocks else dequantize_rows(b_q, b_s)
-    return (a @ b.t()).to(out_dtype)

@@ -1,4 +1,5 @@
-"""Block-scaled FP8 grouped GEMMs for the routed experts in training (DeepSeek-V3 §3.3, the FP8 recipe).
+"""Block-scaled FP8 grouped GEMMs for the routed experts in training (DeepSeek-V3 report §3.3; the FP8 recipe:
+docs/fp8.md#training-recipe).
 
 Layout. Values are e4m3 (`torch.float8_e4m3fn`) with fp32 scales used as multipliers (real = float(q) · s):
 activations and gradients carry one scale per 1×128 slice along the reduction dim, weights one per 128×128 block.
@@ -25,14 +26,14 @@ from __future__ import annotations
 
 import torch
 
-# BLOCK: the scales', so the K step
-from dsv3.kernels.fp8 import BLOCK, _interpret, _use_triton, dequantize_blocks, dequantize_rows, fp8_mm
+from dsv3.fp8.format import BLOCK, dequantize_blocks  # BLOCK: the scales', so the K step
+from dsv3.fp8.gemm import fp8_mm
+from dsv3.fp8.quantize import dequantize_rows
+from dsv3.kernels import interpreting, triton, use_triton
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch reference serves
-    triton = None
+
 
 def grouped_fp8_mm_reference(a_q, a_s, b_q, b_s, offs, out_dtype=torch.bfloat16, compute_dtype=torch.float32):
     """Dequantize each group in compute_dtype and multiply; rows outside every group come out zero."""
@@ -161,8 +162,8 @@ def _check_block(name: str, value: int, largest: int) -> None:
 
 # From this many rows per expert on average (on Hopper), each expert's GEMMs go to cuBLAS's block-scaled GEMM, one
 # call per expert after a host sync for the group ends, instead of the grouped Triton kernels. At v3-slice's ~4,096
-# rows per expert these are dense shapes where cuBLAS ran 1.2-1.5x bf16 (bench_fp8_gemm.json) and the Triton
-# kernels 0.43-0.89x of bf16's grouped GEMM. `backend=` picks either explicitly ("triton", "cublas").
+# rows per expert these are dense shapes where cuBLAS beats bf16 and the Triton kernels do not (measured:
+# docs/fp8.md#fp8-training). `backend=` picks either explicitly ("triton", "cublas").
 CUBLAS_ROWS = 1024
 
 
@@ -210,7 +211,7 @@ def grouped_fp8_mm(a_q, a_s, b_q, b_s, offs, out_dtype=torch.bfloat16, *, block_
     `backend`: "auto" (the per-expert cuBLAS GEMMs for large groups, see CUBLAS_ROWS), "triton" or "cublas"."""
     if (ends := _cublas_ends(a_q, a_q.shape[0], offs, backend)) is not None:
         return _per_expert_mm(a_q, a_s, b_q, b_s, ends, out_dtype)
-    if not _use_triton(a_q):
+    if not use_triton(a_q):
         return grouped_fp8_mm_reference(a_q, a_s, b_q, b_s, offs, out_dtype)
     _check_block("block_m", block_m, 128)
     _check_block("block_n", block_n, 128)
@@ -222,7 +223,7 @@ def grouped_fp8_mm_wgrad(g_q, g_s, x_q, x_s, offs, out_dtype=torch.float32, *, b
     """(E, N, K) in out_dtype: out[e] = G_e · X_e^T over group e's rows; see the module docstring."""
     if (ends := _cublas_ends(g_q, g_q.shape[1], offs, backend)) is not None:
         return _per_expert_wgrad(g_q, g_s, x_q, x_s, ends, out_dtype)
-    if not _use_triton(g_q):
+    if not use_triton(g_q):
         return grouped_fp8_mm_wgrad_reference(g_q, g_s, x_q, x_s, offs, out_dtype)
     _check_block("block_n", block_n, 256)
     _check_block("block_k", block_k, 256)
@@ -246,7 +247,7 @@ def _grouped_fp8_mm_triton(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tens
                                   b_s.stride(1), out.stride(0),
                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK,
                                   BLOCK_E=max(2, triton.next_power_of_2(E)),
-                                  INTERPRET=_interpret(),
+                                  INTERPRET=interpreting(),
                                   num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -271,7 +272,7 @@ def _grouped_fp8_wgrad_triton(g_q: torch.Tensor, g_s: torch.Tensor, x_q: torch.T
                                     g_q.stride(0), g_s.stride(0), x_q.stride(0), x_s.stride(0), out.stride(0),
                                     out.stride(1),
                                     BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BLOCK,
-                                    INTERPRET=_interpret(),
+                                    INTERPRET=interpreting(),
                                     num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -1,12 +1,14 @@
-"""The argument through which the inference engine lends the model its paged latent KV cache.
+"""The argument through which the inference engine lends a forward its paged latent KV cache.
 
-The model owns no cache buffers. For one forward over a flattened variable-length batch (prefill chunks and
-decode tokens of many sequences side by side, T tokens in all) the engine passes:
+The model owns no cache buffers (kv_cache.py allocates the pools). For one forward over a flattened
+variable-length batch (prefill chunks and decode tokens of many sequences side by side, T tokens in all) the
+engine passes:
   - one pool per layer (main layers, then MTP layers): (num_blocks, block_size, C + Dr) holding the
     *normalized* c_kv and the *roped* shared key k_pe of every cached token — 576 values per token for V3;
   - where each new token's latent goes (slot = block · block_size + offset);
   - each sequence's block table and length, and where its new tokens sit in the flat batch.
-Attention then runs over the cached blocks with W_UK / W_UV absorbed (SPEC §4.4).
+The engine's MLA (attention.py) then attends over the cached blocks, with W_UK / W_UV absorbed for decode rows
+(docs/architecture.md#absorbed-attention).
 
 A decode step (every new token a decode token or a speculative verification row) may instead give one block table
 and cache length per token as device tensors (`row_lens`) and no host lists at all: nothing in the forward then

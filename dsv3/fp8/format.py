@@ -1,4 +1,4 @@
-"""DeepSeek's FP8 checkpoint format (SPEC §7.1): e4m3 weights with one fp32 scale per 128×128 block.
+"""DeepSeek's FP8 block format (docs/fp8.md#checkpoint-format): e4m3 weights with one fp32 scale per 128×128 block.
 
 `weight_scale_inv[i, j]` is *multiplied* (it is amax/448 of the original block). The grid is
 ceil(rows/128) × ceil(cols/128); ragged edge blocks (576 = 4·128 + 64 rows of kv_a_proj_with_mqa) use their own
