@@ -16,6 +16,7 @@ from dsv3.infer.engine import Engine, EngineConfig, RequestOutput
 from dsv3.infer.sampler import SamplingParams
 from dsv3.io import load_model
 from dsv3.model import Transformer
+from dsv3.runtime import resolve_device
 from dsv3.tokenizer import Tokenizer
 
 
@@ -26,7 +27,7 @@ class LLM:
         """A checkpoint directory (HF layout, with its tokenizer files) or a built model plus a tokenizer.
         `fp8_weights`: the decoder's linears and routed experts held and multiplied in FP8
         (dsv3/infer/fp8_weights.py; an FP8 checkpoint's values as they are, a built model converted in place)."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("a Transformer instance needs its tokenizer (a directory or a Tokenizer)")
@@ -36,7 +37,7 @@ class LLM:
         else:
             tokenizer = tokenizer or model
             model = load_model(model, device=device, fp8_weights=fp8_weights,
-                               dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+                               dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_dir(tokenizer)
         self.engine = Engine(model, self.tokenizer, config)
 

@@ -39,8 +39,8 @@ from dsv3.kernels.cross_entropy import cross_entropy
 from dsv3.rl.evaluate import task_accuracy
 from dsv3.rl.loss import AGGREGATIONS, SCALES, group_advantages, policy_loss
 from dsv3.rl.plot import plot_rl
+from dsv3.rl.policy import load_policy
 from dsv3.rl.rewards import build_rewards
-from dsv3.rl.sft import load_policy
 from dsv3.rl.tasks import get_task
 from dsv3.train.checkpoint import save_checkpoint
 from dsv3.train.metrics import MetricsLog

@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from dsv3.data.loader import Batch
-from dsv3.io import load_model
 from dsv3.kernels.cross_entropy import cross_entropy
 from dsv3.model import Transformer
+from dsv3.rl.policy import load_policy
 from dsv3.tokenizer import THINK, THINK_END, Tokenizer
 from dsv3.train.checkpoint import save_checkpoint
 from dsv3.train.metrics import MetricsLog
@@ -180,21 +180,6 @@ def cat(rows: list[Batch]) -> Batch:
 
 
 # ---- model ------------------------------------------------------------------------------------------------
-def load_policy(path: str, device: str, param_dtype: str, threads: int | None = None):
-    """-> (model in train mode, its tokenizer, device) from a checkpoint directory with tokenizer files."""
-    if not path:
-        raise ValueError("--init-from: a checkpoint directory (Hugging Face layout with tokenizer files) is needed")
-    if threads:
-        torch.set_num_threads(threads)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    dtype = torch.bfloat16 if param_dtype == "bf16" and dev.type == "cuda" else torch.float32
-    tok = Tokenizer.from_dir(path)
-    model = load_model(path, device=dev, dtype=dtype)
-    for moe in model.moe_layers():
-        moe.balance_coef = 0.0  # fine-tuning adds no balance loss
-    return model.train(), tok, dev
-
-
 def token_nll(model: Transformer, batch: Batch, autocast: bool):
     """-> (summed NLL of the labelled tokens of a packed batch, the model's output)."""
     with torch.autocast(batch.input_ids.device.type, torch.bfloat16, enabled=autocast):

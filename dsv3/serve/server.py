@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from dsv3.runtime import resolve_device
+
 
 def default_model_name(ckpt: Path) -> str:
     """The checkpoint directory's name; for a dsv3 run's `RUN/checkpoints/step_N/model`, `RUN-step_N`."""
@@ -52,9 +54,9 @@ def run(args) -> None:
     from dsv3.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     ckpt = Path(args.checkpoint)
-    default = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default
     model = load_model(ckpt, device=device, dtype=dtype, fp8_weights=args.fp8_weights)
     keys = args.api_key

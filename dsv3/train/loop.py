@@ -6,7 +6,6 @@ backward with α / grad_accum, so it weighs the same as if the global batch were
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 import time
@@ -23,6 +22,7 @@ from dsv3.data.tokens import build_token_files, is_token_dir, open_token_files, 
 from dsv3.info import model_stats
 from dsv3.io import load_model
 from dsv3.model import Transformer
+from dsv3.runtime import keep_freed_memory, resolve_device
 from dsv3.tokenizer import Tokenizer
 from dsv3.train import parallel
 from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
@@ -53,8 +53,7 @@ class Trainer:
         self.layout = parallel.init(cfg, self.arch.n_routed_experts, self.arch.num_hidden_layers)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                                   else cfg.device)
+        self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.layout.distributed:
             self.device = torch.device("cuda", self.layout.local_rank)
         if self.device.type == "cpu":
@@ -403,22 +402,6 @@ class Trainer:
             ranks = [None] * self.layout.world
             torch.distributed.all_gather_object(ranks, mine)
         self.log.write({"step": self.step, "ranks": ranks})
-
-
-def keep_freed_memory() -> None:
-    """CPU training: stop glibc from handing large freed blocks back to the OS after every op.
-
-    By default every activation above the mmap threshold is mmap'ed, freed with munmap and page-faulted back in
-    at the next step (3.8e7 minor faults in one quickstart). Serving them from a heap that is never trimmed
-    removes that; the heap stays at the step's peak, which training reaches every step anyway. The same thing
-    PyTorch's CPU tuning guide gets from jemalloc / tcmalloc, without preloading a library.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
 
 
 def _checkpointed(forward):

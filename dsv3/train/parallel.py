@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dnn
 
 from dsv3.model.moe import Experts, accumulation_dtype
+from dsv3.runtime import resolve_device
 from dsv3.train.pipeline import n_stages, pipeline_microbatches
 
 
@@ -93,7 +94,7 @@ def init(cfg, n_experts: int, n_layers: int) -> Layout:
     if "RANK" not in os.environ:  # a plain `dsv3 train`
         return Layout()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    cuda = resolve_device(cfg.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
