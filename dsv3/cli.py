@@ -29,10 +29,10 @@ def cmd_convert(args) -> None:
 
 def cmd_train(args) -> None:
     import json
-    from dsv3.train.config import from_args
+    from dsv3.train.config import TrainConfig, from_args
     from dsv3.train.loop import Trainer
     if args.resume and not args.config:  # continue with the run's own settings unless told otherwise
-        args.config = str(Path(args.out or "runs/train") / "run.json")
+        args.config = str(Path(args.out or TrainConfig().runtime.out) / "run.json")
     trainer = Trainer(from_args(args))
     summary = trainer.run()
     if trainer.layout.main:
@@ -40,8 +40,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from dsv3.quickstart import quickstart
-    quickstart(args.out, args.steps, args.threads)
+    from dsv3.options import from_args
+    from dsv3.quickstart import QuickstartConfig, quickstart
+    quickstart(from_args(QuickstartConfig, args))
 
 
 def cmd_plot(args) -> None:
@@ -61,7 +62,7 @@ def cmd_grpo(args) -> None:
     import json
     if args.demo:
         from dsv3.rl.demo import DemoConfig, demo
-        demo(DemoConfig(out=args.out or "runs/grpo-demo", init_from=args.init_from, threads=args.threads))
+        demo(DemoConfig(out=args.out or "runs/grpo-demo", init_from=args.init_from or None, threads=args.threads))
         return
     from dsv3.rl.grpo import GRPOTrainer, from_args
     if not args.init_from:
@@ -70,13 +71,15 @@ def cmd_grpo(args) -> None:
 
 
 def cmd_rft(args) -> None:
-    from dsv3.rl.rft import run
-    run(args)
+    from dsv3.options import from_args
+    from dsv3.rl.rft import RFTConfig, run
+    run(from_args(RFTConfig, args))
 
 
 def cmd_eval(args) -> None:
-    from dsv3.rl.evaluate import run
-    run(args)
+    from dsv3.options import from_args
+    from dsv3.rl.evaluate import EvalConfig, run
+    run(from_args(EvalConfig, args))
 
 
 def cmd_generate(args) -> None:
@@ -117,10 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_args(train)
     train.set_defaults(fn=cmd_train)
 
+    from dsv3 import quickstart
     qs = sub.add_parser("quickstart", help="train the tiny model on the shipped corpus (CPU, minutes) and talk to it")
-    qs.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
-    qs.add_argument("--steps", type=int, default=960, help="optimizer steps of 8 × 256 tokens (default 960)")
-    qs.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    quickstart.add_args(qs)
     qs.set_defaults(fn=cmd_quickstart)
 
     from dsv3.infer import generate

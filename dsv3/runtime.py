@@ -9,6 +9,14 @@ import ctypes
 
 import torch
 
+from dsv3.options import option
+
+
+def device_option():
+    """The `--device` field of every command that runs a model (training's RuntimeConfig, inference's
+    LoadConfig): one help text, one default."""
+    return option("auto", help="cpu, cuda, cuda:N, or auto: cuda when torch sees a GPU, else cpu")
+
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """`--device` -> torch.device: None or "auto" picks CUDA when available, else the CPU."""

@@ -43,11 +43,13 @@ def test_mtp_loss_matches_the_paper_on_a_hand_computed_case():
 
 def test_lr_schedules():
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
-    assert lr_at(55, cfg) == pytest.approx(0.55)  # cosine midpoint between peak and floor
+    cfg = cfg.optim, cfg.steps
+    assert lr_at(0, *cfg) == pytest.approx(0.1) and lr_at(9, *cfg) == pytest.approx(1.0)
+    assert lr_at(10, *cfg) == pytest.approx(1.0) and lr_at(100, *cfg) == pytest.approx(0.1)
+    assert lr_at(55, *cfg) == pytest.approx(0.55)  # cosine midpoint between peak and floor
     wsd = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
-    assert lr_at(79, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.55) and lr_at(100, wsd) == pytest.approx(0.1)
+    wsd = wsd.optim, wsd.steps
+    assert lr_at(79, *wsd) == 1.0 and lr_at(90, *wsd) == pytest.approx(0.55) and lr_at(100, *wsd) == pytest.approx(0.1)
 
 
 def _corpus(tmp_path):

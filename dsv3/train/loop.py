@@ -22,6 +22,7 @@ from dsv3.data.tokens import build_token_files, is_token_dir, open_token_files, 
 from dsv3.info import model_stats
 from dsv3.io import load_model
 from dsv3.model import Transformer
+from dsv3.options import to_json
 from dsv3.runtime import keep_freed_memory, resolve_device
 from dsv3.tokenizer import Tokenizer
 from dsv3.train import parallel
@@ -40,7 +41,7 @@ H100_BF16_FLOPS = 989e12
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.run_dir = Path(cfg.out)
+        self.run_dir = Path(cfg.runtime.out)
         existing = checkpoints(self.run_dir)
         if existing and not cfg.resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue it, or choose "
@@ -51,18 +52,18 @@ class Trainer:
         if cfg.num_layers:
             self.arch = self.arch.replace(num_hidden_layers=cfg.num_layers)
         self.layout = parallel.init(cfg, self.arch.n_routed_experts, self.arch.num_hidden_layers)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        self.device = resolve_device(cfg.runtime.device)
         if self.device.type == "cuda" and self.layout.distributed:
             self.device = torch.device("cuda", self.layout.local_rank)
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.autocast = self.device.type == "cuda" if cfg.autocast is None else cfg.autocast
+        self.autocast = cfg.runtime.use_autocast(self.device)
         if self.layout.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not cfg.resume:
-                (self.run_dir / "run.json").write_text(cfg.to_json())
+                (self.run_dir / "run.json").write_text(to_json(cfg))
         for turn in ("main", "others") if self.layout.distributed else ("main",):  # rank 0 trains and writes the
             if (turn == "main") == self.layout.main:  # tokenizer and token files, the others then read them
                 self.tokenizer = self._tokenizer()
@@ -75,10 +76,10 @@ class Trainer:
             self._pipeline()
         else:
             self._transform(self.model)
-        self.opt = build_optimizer(self.model, cfg)
+        self.opt = build_optimizer(self.model, cfg.optim)
         mb = cfg.micro_batch_size or cfg.batch_size
-        self.loader = PackedLoader(self.train_tokens, cfg.seq_len, mb, cfg.seed, self.tokenizer.bos_id)
-        self.val_loader = PackedLoader(self.val_tokens, cfg.seq_len, mb, cfg.seed, self.tokenizer.bos_id,
+        self.loader = PackedLoader(self.train_tokens, cfg.seq_len, mb, cfg.runtime.seed, self.tokenizer.bos_id)
+        self.val_loader = PackedLoader(self.val_tokens, cfg.seq_len, mb, cfg.runtime.seed, self.tokenizer.bos_id,
                                        shuffle=False)
         self.step = 0
         if cfg.resume:
@@ -101,7 +102,7 @@ class Trainer:
         if self._token_dir:
             return open_token_files(self._token_dir, self.tokenizer)
         return build_token_files(read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
-                                 corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.seed)
+                                 corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.runtime.seed)
 
     def _tokenizer(self) -> Tokenizer:
         out = self.run_dir / "tokenizer"
@@ -120,8 +121,8 @@ class Trainer:
 
     def _model(self) -> Transformer:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        dtype = torch.bfloat16 if cfg.param_dtype == "bf16" and self.device.type == "cuda" else torch.float32
+        torch.manual_seed(cfg.runtime.seed)
+        dtype = cfg.runtime.dtype(self.device)
         arch = self.arch
         biased = arch.topk_method == "noaux_tc"  # the router adds e_score_correction_bias to select experts
         self.balance = cfg.balance if cfg.balance != "auto" else "bias" if biased else "aux"
@@ -168,12 +169,12 @@ class Trainer:
         cfg, lay = self.cfg, self.layout
         # The whole step's batch goes through one schedule step, as (micro-batches x pipeline micro-batches)
         # chunks: the schedule scales the summed gradients once (a second step() would scale the first's again).
-        self.n_mb = pipeline_microbatches(cfg) * cfg.grad_accum
+        self.n_mb = pipeline_microbatches(cfg.parallel) * cfg.grad_accum
         self.pp_group = self.mesh["pp"]
         self.pp_losses = []  # (main, MTP) per pipeline micro-batch, for the log
         self._n_moe_rows = len(self.model.moe_layers())
         self.schedule, self.stages = build_schedule(
-            self.model, lay.pp_rank, lay.pp, self.n_mb, self._pipeline_loss, cfg.pp_schedule, self.device,
+            self.model, lay.pp_rank, lay.pp, self.n_mb, self._pipeline_loss, cfg.parallel.pp_schedule, self.device,
             self.mesh["pp"], cfg.doc_mask, wrap=self._transform)
         owned = {int(i) for m in self.stages for i in m.layers}
         for i in range(len(self.model.layers)):
@@ -211,7 +212,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, accum = self.cfg, self.cfg.grad_accum
-        lr, lam = lr_at(self.step, cfg), mtp_lambda_at(self.step, cfg)
+        lr, lam = lr_at(self.step, cfg.optim, cfg.steps), mtp_lambda_at(self.step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
         alpha = {"bias": cfg.seq_aux_alpha, "aux": cfg.aux_alpha, "none": 0.0}[self.balance]
@@ -220,7 +221,7 @@ class Trainer:
         self.mtp_lam = lam
         sums, counts = self._pipeline_accumulate() if self.layout.pp > 1 else self._accumulate(lam)
         parallel.scale_expert_grads(self.model, self.layout)
-        grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.layout, self.opt)
+        grad_norm = parallel.clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.layout, self.opt)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
@@ -306,7 +307,7 @@ class Trainer:
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 if self.layout.pp > 1:  # the logits only on the last stage's ranks (a 0 elsewhere: all_sum below)
                     out = forward_only(self.stages, self._pipeline_inputs(batch), self.layout.pp_rank,
-                                       self.layout.pp, self.cfg.pp_schedule, self.pp_group)
+                                       self.layout.pp, self.cfg.parallel.pp_schedule, self.pp_group)
                     logits = out[0] if isinstance(out, tuple) else out
                 else:
                     logits = self.model(batch.input_ids, doc_ids=batch.doc_ids if self.cfg.doc_mask else None).logits
@@ -326,7 +327,7 @@ class Trainer:
     def save(self, last_eval: dict | None = None) -> Path:
         manifest = {"train_config": dataclasses.asdict(self.cfg), "loader": self.loader.state_dict(),
                     "eval": last_eval}
-        return save_checkpoint(self.run_dir, self.step, self.model, self.opt, manifest, self.cfg.keep,
+        return save_checkpoint(self.run_dir, self.step, self.model, self.opt, manifest, self.cfg.runtime.keep,
                                self.run_dir / "tokenizer", self.layout)
 
     # ---- the run -----------------------------------------------------------------------------------------

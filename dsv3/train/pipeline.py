@@ -21,15 +21,16 @@ from torch import nn
 from dsv3.model import rope
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import document_positions_and_mask
+from dsv3.train.config import ParallelConfig
 
 
 def n_stages(pp: int, schedule: str) -> int:
     return pp * (2 if schedule == "dualpipev" else 1)
 
 
-def pipeline_microbatches(cfg) -> int:
+def pipeline_microbatches(par: ParallelConfig) -> int:
     """Pipeline micro-batches per training micro-batch: --pp-microbatches, by default one per stage."""
-    return cfg.pp_microbatches or n_stages(cfg.pp, cfg.pp_schedule)
+    return par.pp_microbatches or n_stages(par.pp, par.pp_schedule)
 
 
 class StageModule(nn.Module):
