@@ -1,4 +1,5 @@
-"""Pretraining: the objective against hand-computed cases (SPEC §8.1, §9.1), a loss that falls, bit-exact resume,
+"""Pretraining: the objective against hand-computed cases (docs/architecture.md#multi-token-prediction,
+#auxiliary-loss-free-balancing), a loss that falls, bit-exact resume,
 and the errors a user can run into."""
 import json
 import math
@@ -237,3 +238,17 @@ def test_metrics_log_starts_fresh_unless_resuming(tmp_path):
     log.close()
     assert [json.loads(x) for x in path.read_text().splitlines()] == [{"step": 0}, {"step": 1},
                                                                       {"step": 2, "resumed": True}]
+
+
+def test_peak_flops_knows_datasheet_gpus_and_nothing_else(monkeypatch):
+    """MFU's denominator: NVIDIA's dense BF16 tensor-core peaks (half the datasheets' sparsity figures); a GPU
+    missing from the table gets no MFU rather than another GPU's."""
+    from dsv3.train.metrics import peak_flops
+    assert peak_flops(torch.device("cpu")) is None
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 1979 / 2), ("NVIDIA H100 PCIe", 1513 / 2),
+                         ("NVIDIA H100 NVL", 1671 / 2), ("NVIDIA H200", 1979 / 2), ("NVIDIA A100-SXM4-80GB", 312),
+                         ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        peak = peak_flops(torch.device("cuda"))
+        assert peak == (pytest.approx(tflops * 1e12, rel=2e-3) if tflops else None), name
+

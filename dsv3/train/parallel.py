@@ -124,6 +124,28 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [*layers, *model.mtp]
 
 
+def apply_parallelism(model: torch.nn.Module, layout: Layout, mesh: dict | None, checkpointing: bool = False,
+                      compile: bool = False) -> None:
+    """The transforms of a built model (or of one pipeline stage, after the split) in their fixed order: expert
+    parallelism, activation checkpointing, compile (inside each block: DualPipeV refuses compiled stages), FSDP2
+    (not for a pipeline stage alone on its ranks). The model code stays single-device."""
+    if layout.ep > 1:
+        expert_parallel(model, layout, mesh)
+    for block in blocks(model):
+        if checkpointing:
+            block.forward = _checkpointed(block.forward)
+        if compile:
+            block.compile()
+    if layout.distributed and (layout.pp == 1 or layout.dp > 1):
+        shard(model, layout, mesh)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
 def expert_parallel(model: torch.nn.Module, layout: Layout, mesh: dict) -> None:
     """Split every routed-expert module of `model` over its EP group (DTensors on the 'ep' mesh, so checkpoints
     see all E experts) and route it through EPExperts."""
@@ -148,7 +170,7 @@ def shard(model: torch.nn.Module, layout: Layout, mesh: dict) -> None:
         if isinstance(m, EPExperts):  # averaged over the dp / ep replicas; scale_expert_grads does the rest
             fully_shard(m, mesh=mesh["ep"]["dp_replicate"], reshard_after_forward=not keep)
     if layout.dp > 1:  # one data-parallel rank has nothing to shard or overlap: the root alone, one unit (each
-        # unit costs ~1 ms of CPU per all-gather and per reduce-scatter: 0.78x of the plain loop with per-block units)
+        # unit costs CPU time per all-gather and per reduce-scatter; measured: docs/training.md)
         for layer in model.mtp:  # the root calls an MTP module's final norm outside the module's forward
             fully_shard(layer.shared_head.norm, mesh=mesh["dp"], reshard_after_forward=not keep)
         units = blocks(model)
@@ -176,7 +198,8 @@ def scale_expert_grads(model: torch.nn.Module, layout: Layout) -> None:
 def clip_grad_norm(params, max_norm: float, layout: Layout = Layout(), optimizer=None) -> torch.Tensor:
     """The global gradient norm, clipped to max_norm. Every gradient element lives on exactly one rank (FSDP and
     expert shards, pipeline stages), so the squares of the local shards summed over all ranks are the square of
-    the global norm: one all-reduce on plain local tensors (DTensor ops cost ~1 ms of CPU each).
+    the global norm: one all-reduce on plain local tensors (each DTensor op costs CPU time; measured:
+    docs/training.md).
 
     Given torch's fused Adam(W) `optimizer` (one process), the gradients are left as they are and the clip
     factor goes to its step as `grad_scale` (which it divides by), saving a pass over every gradient."""

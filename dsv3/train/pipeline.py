@@ -150,6 +150,25 @@ def build_schedule(model: nn.Module, pp_rank: int, pp: int, n_microbatches: int,
     return ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn), modules
 
 
+def keep_own_stages(model: nn.Module, stages: list[StageModule]) -> tuple[bool, bool]:
+    """Drop from `model` every module that no stage of this rank holds, so that its parameters, optimizer state and
+    checkpoint shards are this rank's alone: a layer held elsewhere becomes an Identity (the indices, hence the
+    parameter names `layers.{i}.…` of the layers kept, stay), the embedding goes unless this rank holds the first
+    stage, the final norm, head and MTP modules unless it holds the last. -> (holds the first stage, the last)."""
+    owned = {int(i) for m in stages for i in m.layers}
+    for i in range(len(model.layers)):
+        if i not in owned:
+            model.layers[i] = nn.Identity()
+    first = any(m.embed_tokens is not None for m in stages)
+    last = any(m.lm_head is not None for m in stages)
+    if not first:
+        model.embed_tokens = None
+    if not last:
+        model.norm = model.lm_head = None
+        model.mtp = nn.ModuleList()
+    return first, last
+
+
 @torch.no_grad()
 def forward_only(modules: list[StageModule], inputs: tuple[torch.Tensor, ...], pp_rank: int, pp: int,
                  schedule: str, group=None):
