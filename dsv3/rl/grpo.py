@@ -1,4 +1,5 @@
-"""`dsv3 grpo`: Group Relative Policy Optimization with rule-based rewards (SPEC §15.2–15.5).
+"""`dsv3 grpo`: Group Relative Policy Optimization with rule-based rewards (docs/post-training.md#grpo-objective,
+#grpo-metrics).
 
 One step = sample G completions for each of `prompts_per_step` prompts with the inference engine → score them →
 group-normalised advantages → μ passes of clipped policy-gradient updates over the rollout (in `minibatches`

@@ -1,6 +1,7 @@
-"""`dsv3 rft`: rejection-sampling fine-tuning (R1 §2.3.3, SPEC §15.4). Sample k completions per prompt from the
-model, keep the ones the verifier marks correct and that pass the format filter (one copy of each distinct
-completion), write them as SFT data (OUT/rft.jsonl), and fine-tune the same model on them."""
+"""`dsv3 rft`: rejection-sampling fine-tuning (R1 report §2.3.3, docs/post-training.md#rejection-sampling).
+Sample k completions per prompt from the model, keep the ones the verifier marks correct and that pass the
+format filter (one copy of each distinct completion), write them as SFT data (OUT/rft.jsonl), and fine-tune the
+same model on them."""
 from __future__ import annotations
 
 import argparse

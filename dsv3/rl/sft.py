@@ -1,4 +1,5 @@
-"""`dsv3 sft`: supervised fine-tuning on chat data, loss on the assistant's tokens only (SPEC §15.1).
+"""`dsv3 sft`: supervised fine-tuning on chat data, loss on the assistant's tokens only
+(docs/post-training.md#sft).
 
 Data: JSONL, one example per line, either `{"messages": [...]}` (OpenAI / DeepSeek message dicts, tool calls
 and `<think>` reasoning included) or `{"prompt": ..., "completion": "..."}` (the prompt a string, or messages

@@ -1,4 +1,5 @@
-"""Problems with verifiable answers for SFT, GRPO and `dsv3 eval` (SPEC §15.6), all generated offline.
+"""Problems with verifiable answers for SFT, GRPO and `dsv3 eval` (docs/post-training.md#tasks), all generated
+offline.
 
 A completion answers in the R1 format: `<think>reasoning</think>answer`. Each task generates seeded problems,
 scores an answer, and writes a worked solution in that format (the SFT warm-start data, so a small model learns

@@ -21,9 +21,9 @@ def build_optimizer(model: Transformer, optim: OptimConfig) -> torch.optim.Optim
 
 
 class AdamWBF16Moments(torch.optim.Optimizer):
-    """AdamW (torch's update rule) whose two moments are stored in bf16, as DeepSeek-V3 trained (§3.3): 4 bytes
-    per parameter instead of 8. Each step reads them into fp32, updates, and rounds them back; the parameter
-    update itself is fp32 on the master weights."""
+    """AdamW (torch's update rule) whose two moments are stored in bf16, as DeepSeek-V3 trained (DeepSeek-V3
+    report §3.3): 4 bytes per parameter instead of 8. Each step reads them into fp32, updates, and rounds them
+    back; the parameter update itself is fp32 on the master weights."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
