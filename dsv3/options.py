@@ -116,12 +116,12 @@ def read_config(cls: type, path: str | Path) -> dict:
     """A JSON file of cls's fields -> flat values: the nested layout this module writes, or a run.json written
     before the pieces existed (every key flat)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: --config file not found")
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text()) if path.is_file() else None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if values is None:
+        raise FileNotFoundError(f"{path}: --config file not found")
     flat = {}
     for key, value in values.items():
         flat.update(value if key in _pieces(cls) and isinstance(value, dict) else {key: value})
