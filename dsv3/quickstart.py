@@ -12,12 +12,13 @@ from pathlib import Path
 
 from dsv3.infer.llm import LLM
 from dsv3.infer.sampler import SamplingParams
-from dsv3.options import add_flags, option, piece
+from dsv3.options import add_flags, flat_init, option, piece
 from dsv3.train.checkpoint import checkpoints, read_manifest
 from dsv3.train.config import RuntimeConfig, TrainConfig
 from dsv3.train.loop import Trainer
 
 
+@flat_init
 @dataclass(slots=True)
 class QuickstartConfig:
     steps: int = option(960, help="optimizer steps of 8 × 256 tokens")

@@ -76,6 +76,12 @@ def test_flags_parse_into_the_pieces():
     assert cfg == TrainConfig(lr=0.5, device="cpu", pp=2, mtp=False, data=["a.txt", "b.txt"], micro_batch_size=4)
     grpo = from_args(GRPOConfig, build_parser().parse_args(["grpo", "-G", "4", "--task", "chain:2-4"]))
     assert grpo.group_size == 4 and grpo.task == "chain:2-4" and grpo.optim.lr == 1e-6
+    qs = from_args(QuickstartConfig, build_parser().parse_args(["quickstart", "--threads", "2", "--out", "q"]))
+    assert (qs.steps, qs.runtime.threads, qs.runtime.out) == (960, 2, "q")
+    rft = from_args(RFTConfig, build_parser().parse_args(["rft", "ckpt", "--lr", "1e-4", "--k", "4"]))
+    assert (rft.checkpoint, rft.k, rft.optim.lr, rft.optim.warmup, rft.runtime.out) == ("ckpt", 4, 1e-4, 10, "runs/rft")
+    ev = from_args(EvalConfig, build_parser().parse_args(["eval", "ckpt", "--fp8-weights", "--dtype", "float32"]))
+    assert (ev.checkpoint, ev.task, ev.load) == ("ckpt", None, LoadConfig(fp8_weights=True, dtype="float32"))
 
 
 def test_device_is_one_flag_with_one_help_and_default():
