@@ -50,6 +50,12 @@ def check(obj: Any) -> None:
             raise ValueError(f"{f.name}={value!r} must be one of {allowed}")
 
 
+def positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name}={getattr(obj, name)!r} must be positive")
+
+
 # ---- the flat view of a config ---------------------------------------------------------------------------
 def flat_fields(cls: type) -> list[tuple[Field, Any]]:
     """Every flag of a command config: (field, the command's default) for its own fields, then each piece's

@@ -17,7 +17,7 @@ from dsv3.infer.engine import Engine, EngineConfig, RequestOutput
 from dsv3.infer.sampler import SamplingParams
 from dsv3.io import load_model
 from dsv3.model import Transformer
-from dsv3.options import option
+from dsv3.options import check, option
 from dsv3.runtime import device_option, resolve_device
 from dsv3.tokenizer import Tokenizer
 
@@ -30,6 +30,9 @@ class LoadConfig:
                                help="dtype of the weights and activations")
     fp8_weights: bool = option(False, help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory "
                                            "(on a CPU: far slower)")
+
+    def __post_init__(self):
+        check(self)
 
 
 def inference_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -34,11 +34,11 @@ from dsv3 import options
 from dsv3.data.loader import Batch
 from dsv3.kernels.cross_entropy import cross_entropy
 from dsv3.model import Transformer
-from dsv3.options import add_flags, flat_init, option, piece, to_json
+from dsv3.options import add_flags, flat_init, option, piece, positive, to_json
 from dsv3.rl.policy import load_policy
 from dsv3.tokenizer import THINK, THINK_END, Tokenizer
 from dsv3.train.checkpoint import save_checkpoint
-from dsv3.train.config import OptimConfig, RuntimeConfig, positive
+from dsv3.train.config import OptimConfig, RuntimeConfig
 from dsv3.train.metrics import MetricsLog
 from dsv3.train.objective import update_balance_bias
 from dsv3.train.optim import build_optimizer, lr_at

@@ -10,14 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from dsv3 import options
-from dsv3.options import add_flags, check, flat_init, option, piece, read_config
+from dsv3.options import add_flags, check, flat_init, option, piece, positive, read_config
 from dsv3.runtime import device_option
-
-
-def positive(obj, *names: str) -> None:
-    for name in names:
-        if getattr(obj, name) <= 0:
-            raise ValueError(f"{name}={getattr(obj, name)!r} must be positive")
 
 
 @dataclass(slots=True)
