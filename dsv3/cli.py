@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -29,10 +30,10 @@ def cmd_convert(args) -> None:
 
 def cmd_train(args) -> None:
     import json
-    from dsv3.train.config import from_args
+    from dsv3.train.config import TrainConfig, from_args
     from dsv3.train.loop import Trainer
     if args.resume and not args.config:  # continue with the run's own settings unless told otherwise
-        args.config = str(Path(args.out or "runs/train") / "run.json")
+        args.config = str(Path(args.out or TrainConfig().runtime.out) / "run.json")
     trainer = Trainer(from_args(args))
     summary = trainer.run()
     if trainer.layout.main:
@@ -40,8 +41,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from dsv3.quickstart import quickstart
-    quickstart(args.out, args.steps, args.threads)
+    from dsv3.options import from_args
+    from dsv3.quickstart import QuickstartConfig, quickstart
+    quickstart(from_args(QuickstartConfig, args))
 
 
 def cmd_plot(args) -> None:
@@ -61,7 +63,7 @@ def cmd_grpo(args) -> None:
     import json
     if args.demo:
         from dsv3.rl.demo import DemoConfig, demo
-        demo(DemoConfig(out=args.out or "runs/grpo-demo", init_from=args.init_from, threads=args.threads))
+        demo(DemoConfig(out=args.out or "runs/grpo-demo", init_from=args.init_from or None, threads=args.threads))
         return
     from dsv3.rl.grpo import GRPOTrainer, from_args
     if not args.init_from:
@@ -70,13 +72,15 @@ def cmd_grpo(args) -> None:
 
 
 def cmd_rft(args) -> None:
-    from dsv3.rl.rft import run
-    run(args)
+    from dsv3.options import from_args
+    from dsv3.rl.rft import RFTConfig, run
+    run(from_args(RFTConfig, args))
 
 
 def cmd_eval(args) -> None:
-    from dsv3.rl.evaluate import run
-    run(args)
+    from dsv3.options import from_args
+    from dsv3.rl.evaluate import EvalConfig, run
+    run(from_args(EvalConfig, args))
 
 
 def cmd_generate(args) -> None:
@@ -112,48 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GiB")
     conv.set_defaults(fn=cmd_convert)
 
-    from dsv3.train.config import add_args
-    train = sub.add_parser("train", help="pretrain a DeepSeek-V3 model from text (resumable)")
-    add_args(train)
-    train.set_defaults(fn=cmd_train)
-
-    qs = sub.add_parser("quickstart", help="train the tiny model on the shipped corpus (CPU, minutes) and talk to it")
-    qs.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
-    qs.add_argument("--steps", type=int, default=960, help="optimizer steps of 8 × 256 tokens (default 960)")
-    qs.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    qs.set_defaults(fn=cmd_quickstart)
-
-    from dsv3.infer import generate
-    gen = sub.add_parser("generate", help="complete a prompt or fill in the middle with a checkpoint (streams text)")
-    generate.add_args(gen)
-    gen.set_defaults(fn=cmd_generate)
-
-    from dsv3.infer import chat
-    ch = sub.add_parser("chat", help="interactive multi-turn chat with a checkpoint (streams tokens)")
-    chat.add_args(ch)
-    ch.set_defaults(fn=cmd_chat)
-
-    from dsv3.serve import server
-    srv = sub.add_parser("serve", help="DeepSeek/OpenAI-compatible HTTP API with context caching on disk")
-    server.add_args(srv)
-    srv.set_defaults(fn=cmd_serve)
-
-    from dsv3.rl import evaluate, grpo, rft, sft
-    sf = sub.add_parser("sft", help="supervised fine-tuning on chat data (loss on the assistant's tokens)")
-    sft.add_args(sf)
-    sf.set_defaults(fn=cmd_sft)
-
-    gr = sub.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task (R1 style); --demo")
-    grpo.add_args(gr)
-    gr.set_defaults(fn=cmd_grpo)
-
-    rf = sub.add_parser("rft", help="rejection-sampling fine-tuning: keep correct samples, then SFT on them")
-    rft.add_args(rf)
-    rf.set_defaults(fn=cmd_rft)
-
-    ev = sub.add_parser("eval", help="task accuracy (greedy or pass@k) and text perplexity of a checkpoint")
-    evaluate.add_args(ev)
-    ev.set_defaults(fn=cmd_eval)
+    # The verbs whose argparse block sits next to the code it drives: (verb, module with add_args, help, command).
+    for verb, module, text, fn in (
+        ("train", "dsv3.train.config", "pretrain a DeepSeek-V3 model from text (resumable)", cmd_train),
+        ("quickstart", "dsv3.quickstart", "train the tiny model on the shipped corpus (CPU, minutes) and talk to it",
+         cmd_quickstart),
+        ("generate", "dsv3.infer.generate", "complete a prompt or fill in the middle with a checkpoint (streams text)",
+         cmd_generate),
+        ("chat", "dsv3.infer.chat", "interactive multi-turn chat with a checkpoint (streams tokens)", cmd_chat),
+        ("serve", "dsv3.serve.server", "DeepSeek/OpenAI-compatible HTTP API with context caching on disk", cmd_serve),
+        ("sft", "dsv3.rl.sft", "supervised fine-tuning on chat data (loss on the assistant's tokens)", cmd_sft),
+        ("grpo", "dsv3.rl.grpo", "GRPO with rule-based rewards on a verifiable task (R1 style); --demo", cmd_grpo),
+        ("rft", "dsv3.rl.rft", "rejection-sampling fine-tuning: keep correct samples, then SFT on them", cmd_rft),
+        ("eval", "dsv3.rl.evaluate", "task accuracy (greedy or pass@k) and text perplexity of a checkpoint", cmd_eval),
+    ):
+        parser = sub.add_parser(verb, help=text)
+        importlib.import_module(module).add_args(parser)
+        parser.set_defaults(fn=fn)
 
     plot = sub.add_parser("plot", help="PNG of a run's curves: loss, lr and expert balance; or GRPO's rewards")
     plot.add_argument("run_dir", help="a run directory written by dsv3 train or dsv3 grpo")

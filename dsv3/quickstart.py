@@ -4,30 +4,46 @@ speak. The last line of output is one JSON object, so scripts can check the run.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from dsv3.infer.llm import LLM
 from dsv3.infer.sampler import SamplingParams
+from dsv3.options import add_flags, flat_init, option, piece
 from dsv3.train.checkpoint import checkpoints, read_manifest
-from dsv3.train.config import TrainConfig
+from dsv3.train.config import RuntimeConfig, TrainConfig
 from dsv3.train.loop import Trainer
 
 
-def quickstart_config(out: str, steps: int, threads: int | None) -> TrainConfig:
-    # Sized for ~9 minutes on 2 CPU cores: 8 × 256 tokens per step (at this budget, twice the updates of
-    # 16 × 256 beat the larger batch: val loss 4.20 vs 4.37 after the same 1.97M tokens), a 4K BPE,
-    # aux-loss-free balancing on.
-    # NOTE: MTP is off here: it costs ~45% more compute per token on this model, which the 10-minute budget
-    # spends better on more main-model tokens. `dsv3 train` trains the preset's MTP module by default.
-    return TrainConfig(preset="tiny", out=out, steps=steps, batch_size=8, seq_len=256, vocab_size=4096,
-                       lr=3e-3, warmup=30, mtp=False, eval_every=max(1, steps // 4), eval_batches=32,
-                       save_every=steps, threads=threads)
+@flat_init
+@dataclass(slots=True)
+class QuickstartConfig:
+    steps: int = option(960, help="optimizer steps of 8 × 256 tokens")
+    runtime: RuntimeConfig = piece(RuntimeConfig, out="runs/quickstart")
 
 
-def quickstart(out: str = "runs/quickstart", steps: int = 960, threads: int | None = None) -> dict:
-    cfg = quickstart_config(out, steps, threads)
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_flags(p, QuickstartConfig)
+
+
+def quickstart_config(qs: QuickstartConfig) -> TrainConfig:
+    # Sized for minutes on a laptop CPU: 8 × 256 tokens per step (at this budget, twice the updates of 16 × 256
+    # beat the larger batch on validation loss after the same tokens), a 4K BPE, aux-loss-free balancing on.
+    # NOTE: MTP is off here: it costs more compute per token on this model, which the quickstart's budget spends
+    # better on more main-model tokens. `dsv3 train` trains the preset's MTP module by default.
+    # (measured: docs/training.md)
+    steps = qs.steps
+    return TrainConfig(preset="tiny", steps=steps, batch_size=8, seq_len=256, vocab_size=4096, lr=3e-3, warmup=30,
+                       mtp=False, eval_every=max(1, steps // 4), eval_batches=32, save_every=steps,
+                       runtime=qs.runtime)
+
+
+def quickstart(qs: QuickstartConfig | None = None) -> dict:
+    qs = qs or QuickstartConfig()
+    cfg, out, steps = quickstart_config(qs), qs.runtime.out, qs.steps
     done = checkpoints(Path(out))
     if done and read_manifest(done[-1])["step"] >= steps:
         print(f"{out} already holds a finished quickstart run; reporting it (delete the folder to train again)")

@@ -5,7 +5,8 @@ Design notes
   special tokens, the chat format and the FIM prompt. transformers is a test oracle only, never imported here.
 - Two chat paths. A checkpoint whose tokenizer_config.json carries a Jinja `chat_template` is rendered by that
   template in the Jinja setup transformers uses, so our prompts are token-identical to the reference stack.
-  Without one (tokenizers we train ourselves) a built-in renderer writes the DeepSeek-V3 format of API.md.
+  Without one (tokenizers we train ourselves) a built-in renderer writes the DeepSeek-V3 format
+  (docs/api.md#chat-template).
 - BOS: DeepSeek's tokenizer.json post-processor adds no special tokens (and transformers 5 ignores
   `add_bos_token` when a tokenizer.json exists), so plain `encode` never adds BOS. Chat templates write BOS
   themselves; pretraining documents and FIM prompts ask for it with `add_bos=True`.
@@ -179,8 +180,8 @@ class Tokenizer:
     def _render_jinja(self, template: str, msgs: list[dict], tools, add_generation_prompt: bool, extra) -> str:
         if tools and "tools" not in template:
             # NOTE(deviation from transformers): DeepSeek's official templates never read `tools`, so the model
-            # would not see them (API.md). Hand them over as one more system message after the leading ones;
-            # these templates join system texts with "\n\n", which gives exactly the built-in layout.
+            # would not see them (docs/api.md#chat-template). Hand them over as one more system message after the
+            # leading ones; these templates join system texts with "\n\n", which gives exactly the built-in layout.
             i = next((k for k, m in enumerate(msgs) if m["role"] != "system"), len(msgs))
             msgs = [*msgs[:i], {"role": "system", "content": tools_prompt(tools)}, *msgs[i:]]
         names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
@@ -190,8 +191,9 @@ class Tokenizer:
         )
 
     def _render_builtin(self, msgs: list[dict], tools, add_generation_prompt: bool) -> str:
-        # DeepSeek-V3 layout (API.md), the same token sequence as the official template but with its state bugs
-        # fixed: every tool-outputs block is opened and closed, and each tool-call message gets its own header.
+        # DeepSeek-V3 layout (docs/api.md#chat-template), the same token sequence as the official template but
+        # with its state bugs fixed: every tool-outputs block is opened and closed, and each tool-call message gets
+        # its own header.
         system = [m["content"] for m in msgs if m["role"] == "system"] + ([tools_prompt(tools)] if tools else [])
         out = [self.bos_token, "\n\n".join(system)]
         in_outputs = False
@@ -233,8 +235,8 @@ def _tool_call(call: dict) -> str:
 
 
 def tools_prompt(tools: list[dict]) -> str:
-    """The `# Tools` block that goes into the system part (API.md): one JSON signature per line, then the
-    exact call format the model must answer with."""
+    """The `# Tools` block that goes into the system part (docs/api.md#chat-template): one JSON signature per
+    line, then the exact call format the model must answer with."""
     signatures = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
     call = f"{TOOL_CALL_BEGIN}function{TOOL_SEP}NAME\n```json\nARGS\n```{TOOL_CALL_END}"
     return (
@@ -246,9 +248,9 @@ def tools_prompt(tools: list[dict]) -> str:
 
 
 def fim_prompt(prefix: str, suffix: str) -> str:
-    # PSM order, as in DeepSeek-V3 pretraining (paper §4.1) and API.md; the model writes the middle after
-    # FIM_END. No BOS here: encode with add_bos=True, because FIM documents start after BOS in pretraining and
-    # DeepSeek-Coder's FIM examples get BOS from a tokenizer that adds it by default.
+    # PSM order, as in DeepSeek-V3 pretraining (DeepSeek-V3 report §4.1) and docs/api.md#fim-completions; the
+    # model writes the middle after FIM_END. No BOS here: encode with add_bos=True, because FIM documents start
+    # after BOS in pretraining and DeepSeek-Coder's FIM examples get BOS from a tokenizer that adds it by default.
     return f"{FIM_BEGIN}{prefix}{FIM_HOLE}{suffix}{FIM_END}"
 
 

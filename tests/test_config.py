@@ -1,5 +1,6 @@
 """ModelConfig: Hugging Face config.json in both rope formats, validation errors that name field and value,
-presets, and `dsv3 info` numbers for DeepSeek-V3 (SPEC §2) counted on the meta device."""
+presets, and `dsv3 info` numbers for DeepSeek-V3 (docs/architecture.md#block-structure) counted on the meta
+device."""
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from dsv3.config import PRESETS
 from dsv3.info import model_stats
 from dsv3.io.hf import build_model
 
-V3_HUB = {  # the fields of deepseek-ai/DeepSeek-V3's config.json (SPEC §1.1)
+V3_HUB = {  # the fields of deepseek-ai/DeepSeek-V3's config.json (docs/architecture.md#config-fields)
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
     "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
     "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,

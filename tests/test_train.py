@@ -1,4 +1,5 @@
-"""Pretraining: the objective against hand-computed cases (SPEC §8.1, §9.1), a loss that falls, bit-exact resume,
+"""Pretraining: the objective against hand-computed cases (docs/architecture.md#multi-token-prediction,
+#auxiliary-loss-free-balancing), a loss that falls, bit-exact resume,
 and the errors a user can run into."""
 import json
 import math
@@ -43,11 +44,13 @@ def test_mtp_loss_matches_the_paper_on_a_hand_computed_case():
 
 def test_lr_schedules():
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
-    assert lr_at(55, cfg) == pytest.approx(0.55)  # cosine midpoint between peak and floor
+    cfg = cfg.optim, cfg.steps
+    assert lr_at(0, *cfg) == pytest.approx(0.1) and lr_at(9, *cfg) == pytest.approx(1.0)
+    assert lr_at(10, *cfg) == pytest.approx(1.0) and lr_at(100, *cfg) == pytest.approx(0.1)
+    assert lr_at(55, *cfg) == pytest.approx(0.55)  # cosine midpoint between peak and floor
     wsd = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
-    assert lr_at(79, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.55) and lr_at(100, wsd) == pytest.approx(0.1)
+    wsd = wsd.optim, wsd.steps
+    assert lr_at(79, *wsd) == 1.0 and lr_at(90, *wsd) == pytest.approx(0.55) and lr_at(100, *wsd) == pytest.approx(0.1)
 
 
 def _corpus(tmp_path):
@@ -235,3 +238,17 @@ def test_metrics_log_starts_fresh_unless_resuming(tmp_path):
     log.close()
     assert [json.loads(x) for x in path.read_text().splitlines()] == [{"step": 0}, {"step": 1},
                                                                       {"step": 2, "resumed": True}]
+
+
+def test_peak_flops_knows_datasheet_gpus_and_nothing_else(monkeypatch):
+    """MFU's denominator: NVIDIA's dense BF16 tensor-core peaks (half the datasheets' sparsity figures); a GPU
+    missing from the table gets no MFU rather than another GPU's."""
+    from dsv3.train.metrics import peak_flops
+    assert peak_flops(torch.device("cpu")) is None
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 1979 / 2), ("NVIDIA H100 PCIe", 1513 / 2),
+                         ("NVIDIA H100 NVL", 1671 / 2), ("NVIDIA H200", 1979 / 2), ("NVIDIA A100-SXM4-80GB", 312),
+                         ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        peak = peak_flops(torch.device("cuda"))
+        assert peak == (pytest.approx(tflops * 1e12, rel=2e-3) if tflops else None), name
+

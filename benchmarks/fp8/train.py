@@ -85,7 +85,7 @@ def train_run(args, mode: str, steps: int, out: Path, **extra) -> list[dict]:
     trainer = Trainer(cfg)
     if mode.startswith("torchao-"):
         trainer.model = torchao_fp8(trainer.model)
-        trainer.opt = build_optimizer(trainer.model, cfg)
+        trainer.opt = build_optimizer(trainer.model, cfg.optim)
     trainer.save = lambda *a, **k: None  # measure training, not checkpoint writing
     trainer.run()
     return [r for r in read_metrics(out) if "tokens_per_s" in r]

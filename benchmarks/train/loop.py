@@ -6,7 +6,7 @@ bf16-compiled (bf16 parameters, each block torch.compile'd), and benchmarks/fp8/
 fp8-compiled, ...), so our FP8 is timed beside the peers' bf16 in one run. Peers: transformers' DeepseekV3ForCausalLM
 (grouped_mm experts, sdpa) and torchtitan 0.2.2's DeepSeekV3Model, eager and compiled per block as torchtitan
 does, timed on the same config (bf16 parameters, fused AdamW, random tokens). Reported: median tokens/s over the
-second half of the steps (peers: mean over 10 steps after 3 warm-up steps), MFU (989 TFLOP/s bf16 dense;
+second half of the steps (peers: mean over 10 steps after 3 warm-up steps), MFU (the GPU's dense bf16 peak, dsv3.train.metrics.peak_flops;
 dsv3.info's training FLOPs/token), peak memory.
 
   python -m benchmarks.train.loop --preset bench-684m --batch-size 8 --seq-len 2048 --vocab-size 32000
@@ -38,7 +38,7 @@ from dsv3 import preset
 from dsv3.info import model_stats
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import Trainer
-from dsv3.train.metrics import read_metrics
+from dsv3.train.metrics import peak_flops, read_metrics
 
 
 def build_torchtitan(cfg, seq_len, device, compile_):
@@ -132,7 +132,8 @@ def time_peer(args, name: str) -> dict:
     else:
         model, loss_fn = build_torchtitan(mcfg, args.seq_len, dev, compile_=name == "torchtitan-compiled")
     r = step.time_model(name, model, loss_fn, batches, fargs)
-    r["mfu"] = r["tokens_per_s"] * model_stats(mcfg, args.seq_len)["training_flops_per_token"] / step.PEAK_FLOPS
+    peak = peak_flops(torch.device(dev))
+    r["mfu"] = r["tokens_per_s"] * model_stats(mcfg, args.seq_len)["training_flops_per_token"] / peak if peak else None
     return r
 
 

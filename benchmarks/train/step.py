@@ -5,8 +5,8 @@ project's loss: dsv3's chunked one, transformers' `F.cross_entropy(logits.float(
 random token ids (fixed seed, the same batches for both models). The peer starts from a copy of our initial weights, so
 both models route the same tokens to the same experts (and the first losses should agree). Each model is timed
 in its own loop after `--warmup` untimed steps; reported: tokens/s, ms/step, peak memory (CUDA: max allocated,
-reset per model; CPU: the process's max RSS so far, which only grows) and, on CUDA, MFU against 989 TFLOP/s
-(H100 bf16 dense) with dsv3.info's training FLOPs/token (6·N_active + 6·L·H·(Dqk + Dv)·T, causal).
+reset per model; CPU: the process's max RSS so far, which only grows) and, on CUDA, MFU against the GPU's
+dense bf16 peak (dsv3.train.metrics.peak_flops) with dsv3.info's training FLOPs/token (6·N_active + 6·L·H·(Dqk + Dv)·T, causal).
 
   python -m benchmarks.train.step --preset tiny --steps 5 --warmup 2                  # CPU, fp32, 4 x 256
   python -m benchmarks.train.step --preset tiny --batch-size 16 --dtype amp            # CPU, bf16 autocast
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from benchmarks.results import device_name, save
 from dsv3 import Transformer, preset
 from dsv3.info import model_stats
-from dsv3.train.loop import keep_freed_memory
+from dsv3.runtime import keep_freed_memory
+from dsv3.train.metrics import peak_flops
 from dsv3.train.objective import next_token_loss
 
-PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense
 
 
 def parse_args():
@@ -187,7 +187,8 @@ def main():
 
     peer = results.get("transformers")
     for r in results.values():
-        r["mfu"] = r["tokens_per_s"] * flops_per_token / PEAK_FLOPS if device == "cuda" else None
+        peak = peak_flops(torch.device(device))
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / peak if peak else None
         r["over_transformers"] = r["tokens_per_s"] / peer["tokens_per_s"] if peer else None
     mem = "peak alloc GiB" if device == "cuda" else "max RSS GiB"
     print(f"\n{'model':<20}{'tokens/s':>12}{'ms/step':>10}{mem:>16}{'MFU':>8}{'vs HF':>9}{'loss0':>9}")

@@ -4,7 +4,7 @@ Design notes
 - Layout: every document is `[BOS] text [EOS]`, documents back to back, no padding; the loader cuts fixed
   windows from this stream and the model restarts attention at each BOS (nanoGPT's train.bin, plus boundaries).
 - uint16 when every id fits (vocab ≤ 65536), else uint32: half the disk and page cache for small vocabularies.
-- Fill-in-the-middle (DeepSeek-V3 §4.1: PSM at document level, rate 0.1): a train document is cut at two random
+- Fill-in-the-middle (DeepSeek-V3 report §4.1: PSM at document level, rate 0.1): a train document is cut at two random
   character positions and rewritten `[BOS, FIM_BEGIN] prefix [FIM_HOLE] suffix [FIM_END] middle [EOS]`, so the model
   learns to write the middle after seeing both sides. Validation documents never get FIM: val loss stays plain
   next-token loss, comparable across fim_rate settings.

@@ -12,6 +12,8 @@ import json
 import sys
 
 from dsv3.infer.generate import add_sampling_args, params_from_args
+from dsv3.infer.llm import LLM, LoadConfig
+from dsv3.options import add_flags, from_args
 
 THINK, THINK_END = "<think>", "</think>"
 
@@ -19,9 +21,7 @@ THINK, THINK_END = "<think>", "</think>"
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (Hugging Face layout with tokenizer files)")
     p.add_argument("--system", default="", help="system prompt")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--fp8-weights", action="store_true",
-                   help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: far slower)")
+    add_flags(p, LoadConfig)
     add_sampling_args(p)
 
 
@@ -56,8 +56,7 @@ class _Stream:
 
 
 def run(args, stdin=sys.stdin, stdout=sys.stdout) -> list[dict]:
-    from dsv3.infer.llm import LLM
-    llm = LLM(args.checkpoint, device=args.device, fp8_weights=args.fp8_weights)
+    llm = LLM.from_config(args.checkpoint, from_args(LoadConfig, args))
     engine, tok, params = llm.engine, llm.tokenizer, params_from_args(args)
     system = args.system
     messages = [{"role": "system", "content": system}] if system else []

@@ -7,7 +7,6 @@ sampling all drive this one loop.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import itertools
 import json
@@ -26,6 +25,7 @@ from dsv3.infer.scheduler import Scheduler, Sequence
 from dsv3.infer.speculative import accept_greedy, propose, verify
 from dsv3.infer.transform import prepare_for_engine
 from dsv3.model import Transformer
+from dsv3.runtime import keep_freed_memory
 from dsv3.tokenizer import Tokenizer
 
 
@@ -87,7 +87,7 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if self.device.type == "cpu":
-            _keep_freed_host_memory()
+            keep_freed_memory()
         self.max_len = mcfg.max_position_embeddings
         if cfg.speculative_tokens > len(model.mtp):
             raise ValueError(f"speculative_tokens={cfg.speculative_tokens} needs MTP modules; this model has "
@@ -488,17 +488,6 @@ class _Ahead:
         if self.done is not None:
             self.done.synchronize()  # this step only, not the one launched after it
         return self.host.tolist()
-
-
-def _keep_freed_host_memory() -> None:
-    """NOTE: glibc hands freed blocks above its mmap threshold (128 KB, adapting up to 32 MB) back to the OS, so on a
-    CPU each of a step's logits-sized temporaries (rows x V fp32: 4 MB for 8 rows of DeepSeek's vocabulary)
-    page-faults afresh (measured: docs/inference.md#cpu-engine). Keep such blocks in the heap instead (what
-    the tcmalloc that vLLM's CPU backend preloads does). Process-wide; a no-op without glibc's mallopt."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: only blocks over 256 MB are mmap'd
-        mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD: the heap's free top is returned to the OS past 512 MB
 
 
 def _fingerprint(model: Transformer) -> str:

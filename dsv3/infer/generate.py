@@ -5,7 +5,9 @@ import argparse
 import json
 import sys
 
+from dsv3.infer.llm import LLM, LoadConfig
 from dsv3.infer.sampler import SamplingParams
+from dsv3.options import add_flags, from_args
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -37,15 +39,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt-file", help="file whose text to continue")
     src.add_argument("--fim-prefix", help="fill in the middle: the code before the hole (with --fim-suffix)")
     p.add_argument("--fim-suffix", default="", help="fill in the middle: the code after the hole")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--fp8-weights", action="store_true",
-                   help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: far slower)")
+    add_flags(p, LoadConfig)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_sampling_args(p)
 
 
 def run(args) -> None:
-    from dsv3.infer.llm import LLM
     from dsv3.tokenizer import fim_prompt
     if args.fim_prefix is not None:
         prompt = fim_prompt(args.fim_prefix, args.fim_suffix)
@@ -54,7 +53,7 @@ def run(args) -> None:
             prompt = f.read()
     else:
         prompt = args.prompt
-    llm = LLM(args.checkpoint, device=args.device, fp8_weights=args.fp8_weights)
+    llm = LLM.from_config(args.checkpoint, from_args(LoadConfig, args))
     engine = llm.engine
     rid = engine.add_request(prompt, params_from_args(args))
     final = None

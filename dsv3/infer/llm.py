@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,17 +18,39 @@ from dsv3.infer.engine import Engine, EngineConfig, RequestOutput
 from dsv3.infer.sampler import SamplingParams
 from dsv3.io import load_model
 from dsv3.model import Transformer
+from dsv3.options import check, option
+from dsv3.runtime import device_option, resolve_device
 from dsv3.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class LoadConfig:
+    """How the inference verbs (generate, chat, serve, eval) load a checkpoint."""
+    device: str = device_option()
+    dtype: str | None = option(None, choices=("bfloat16", "float32"), unset="bfloat16 on a GPU, float32 on a CPU",
+                               help="dtype of the weights and activations")
+    fp8_weights: bool = option(False, help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory "
+                                           "(on a CPU: far slower)")
+
+    def __post_init__(self):
+        check(self)
+
+
+def inference_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """--dtype (a name or a torch.dtype); by default bf16 on a GPU, fp32 on a CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name) if isinstance(name, str) else name
 
 
 class LLM:
     def __init__(self, model: str | Path | Transformer, tokenizer: str | Path | Tokenizer | None = None,
-                 device: str | None = None, dtype: torch.dtype | None = None, config: EngineConfig | None = None,
-                 fp8_weights: bool = False):
+                 device: str | None = None, dtype: str | torch.dtype | None = None,
+                 config: EngineConfig | None = None, fp8_weights: bool = False):
         """A checkpoint directory (HF layout, with its tokenizer files) or a built model plus a tokenizer.
         `fp8_weights`: the decoder's linears and routed experts held and multiplied in FP8
         (dsv3/fp8/inference.py; an FP8 checkpoint's values as they are, a built model converted in place)."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("a Transformer instance needs its tokenizer (a directory or a Tokenizer)")
@@ -35,10 +58,14 @@ class LLM:
                 fp8.fp8_weights(model)
         else:
             tokenizer = tokenizer or model
-            model = load_model(model, device=device, fp8_weights=fp8_weights,
-                               dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+            model = load_model(model, device=device, dtype=inference_dtype(dtype, device), fp8_weights=fp8_weights)
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_dir(tokenizer)
         self.engine = Engine(model, self.tokenizer, config)
+
+    @classmethod
+    def from_config(cls, checkpoint: str | Path, load: LoadConfig) -> LLM:
+        """A checkpoint loaded as the inference verbs' flags say."""
+        return cls(checkpoint, device=load.device, dtype=load.dtype, fp8_weights=load.fp8_weights)
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,

@@ -6,7 +6,8 @@ OUT/grpo/plot.png.
 
 The warm start teaches the answer format two ways: most solutions answer at once after an empty reasoning
 block, the rest work the sum line by line (R1's cold start is small, too). Which way earns the reward is left
-for RL to find. With only worked solutions, this budget moved greedy accuracy by noise (README).
+for RL to find. With only worked solutions, this budget moved greedy accuracy by noise
+(docs/post-training.md#demo).
 """
 from __future__ import annotations
 

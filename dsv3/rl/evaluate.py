@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dsv3.infer.engine import Engine
-from dsv3.infer.llm import LLM, run_requests
+from dsv3.infer.llm import LLM, LoadConfig, run_requests
 from dsv3.infer.sampler import SamplingParams
 from dsv3.kernels.cross_entropy import cross_entropy
-from dsv3.rl.tasks import Problem, Task, final_answer, get_task, well_formed
+from dsv3.options import add_flags, flat_init, option, piece
+from dsv3.rl.tasks import Problem, Task, final_answer, get_task, task_option, well_formed
 
 
 def task_accuracy(engine: Engine, task: Task, problems: list[Problem], k: int = 1, temperature: float = 0.0,
@@ -61,34 +63,40 @@ def perplexity(engine: Engine, path: str, seq_len: int) -> dict:
     return {"text": str(path), "tokens": count, "nll": total / count, "perplexity": math.exp(total / count)}
 
 
+@flat_init
+@dataclass(slots=True)
+class EvalConfig:
+    checkpoint: str = option("", positional=True, help="checkpoint directory (Hugging Face layout with tokenizer "
+                                                       "files)")
+    task: str | None = task_option(None)
+    n: int = option(200, help="held-out problems")
+    k: int = option(1, help="samples per problem; > 1 reports pass@k (needs --temperature > 0)")
+    temperature: float = option(0.0, unset="greedy", help="sampling temperature")
+    max_tokens: int = option(256, help="longest answer (tokens)")
+    seed: int = option(0, help="seed of the problems and of sampling")
+    text: str | None = option(None, unset="none", help="a text file to report perplexity on")
+    seq_len: int = option(512, help="perplexity window (tokens)")
+    out: str | None = option(None, unset="stdout only", help="also write the JSON here")
+    load: LoadConfig = piece(LoadConfig)
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("checkpoint", help="checkpoint directory (Hugging Face layout with tokenizer files)")
-    a("--task", help="arithmetic[:MIN-MAX[+-]], countdown[:COUNT] or rg:DATASET (reasoning-gym)")
-    a("--n", type=int, default=200, help="held-out problems (default 200)")
-    a("--k", type=int, default=1, help="samples per problem; > 1 reports pass@k (needs --temperature > 0)")
-    a("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    a("--max-tokens", type=int, default=256, help="longest answer (tokens; default 256)")
-    a("--seed", type=int, default=0, help="seed of the problems and of sampling (default 0)")
-    a("--text", help="a text file to report perplexity on")
-    a("--seq-len", type=int, default=512, help="perplexity window (tokens; default 512)")
-    a("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
-    a("--out", help="also write the JSON here")
+    add_flags(p, EvalConfig)
 
 
-def run(args: argparse.Namespace) -> dict:
-    if not args.task and not args.text:
+def run(cfg: EvalConfig) -> dict:
+    if not cfg.task and not cfg.text:
         raise ValueError("give --task (accuracy) and/or --text (perplexity)")
-    engine = LLM(args.checkpoint, device=args.device).engine
-    result = {"checkpoint": args.checkpoint}
-    if args.task:
-        task = get_task(args.task)
-        result["task"] = task_accuracy(engine, task, task.problems(args.n, args.seed, "test"), args.k,
-                                       args.temperature, args.max_tokens, args.seed, use_tqdm=True)
-    if args.text:
-        result["perplexity"] = perplexity(engine, args.text, args.seq_len)
+    engine = LLM.from_config(cfg.checkpoint, cfg.load).engine
+    result = {"checkpoint": cfg.checkpoint}
+    if cfg.task:
+        task = get_task(cfg.task)
+        result["task"] = task_accuracy(engine, task, task.problems(cfg.n, cfg.seed, "test"), cfg.k,
+                                       cfg.temperature, cfg.max_tokens, cfg.seed, use_tqdm=True)
+    if cfg.text:
+        result["perplexity"] = perplexity(engine, cfg.text, cfg.seq_len)
     line = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    if cfg.out:
+        Path(cfg.out).write_text(line + "\n")
     print(line)
     return result

@@ -1,4 +1,5 @@
-"""`dsv3 grpo`: Group Relative Policy Optimization with rule-based rewards (SPEC §15.2–15.5).
+"""`dsv3 grpo`: Group Relative Policy Optimization with rule-based rewards (docs/post-training.md#grpo-objective,
+#grpo-metrics).
 
 One step = sample G completions for each of `prompts_per_step` prompts with the inference engine → score them →
 group-normalised advantages → μ passes of clipped policy-gradient updates over the rollout (in `minibatches`
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,67 +32,66 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsv3 import options
 from dsv3.infer.engine import Engine, EngineConfig
 from dsv3.infer.llm import run_requests
 from dsv3.infer.sampler import SamplingParams
 from dsv3.kernels.cross_entropy import cross_entropy
+from dsv3.options import add_flags, check, flat_init, option, piece, to_json
 from dsv3.rl.evaluate import task_accuracy
 from dsv3.rl.loss import AGGREGATIONS, SCALES, group_advantages, policy_loss
 from dsv3.rl.plot import plot_rl
+from dsv3.rl.policy import load_policy
 from dsv3.rl.rewards import build_rewards
-from dsv3.rl.sft import load_policy
-from dsv3.rl.tasks import get_task
+from dsv3.rl.tasks import get_task, task_option
 from dsv3.train.checkpoint import save_checkpoint
+from dsv3.train.config import OptimConfig, RuntimeConfig
 from dsv3.train.metrics import MetricsLog
 from dsv3.train.optim import build_optimizer, lr_at
 
 
+# A small learning rate, constant after warmup (wsd with decay_fraction 0).
+GRPO_OPTIM = dict(lr=1e-6, warmup=0, schedule="wsd", decay_fraction=0.0, weight_decay=0.0, beta2=0.99)
+
+
+@flat_init
 @dataclass(slots=True)
 class GRPOConfig:
-    init_from: str = ""  # the policy's checkpoint (HF layout with tokenizer files), e.g. an SFT run's
-    task: str = "arithmetic"
-    rewards: str = "accuracy=1,format=1"  # R1: accuracy + format, equal weight
-    out: str = "runs/grpo"
-    steps: int = 100
-    prompts_per_step: int = 16
-    group_size: int = 8  # G
-    max_tokens: int = 256  # longest completion
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-6
-    warmup: int = 0
-    schedule: str = "wsd"  # with decay_fraction 0: constant after warmup
-    decay_fraction: float = 0.0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    beta: float = 0.0  # KL coefficient (TRL default 0; DeepSeekMath 0.04)
-    eps_low: float = 0.2
-    eps_high: float = 0.2  # DAPO's clip-higher: 0.28
-    aggregation: str = "dapo"  # grpo | dapo | dr_grpo
-    scale_rewards: str = "group"  # group | batch | none
-    mu: int = 1  # passes over each rollout
-    minibatches: int = 1  # optimizer steps per pass
-    micro_batch_size: int = 0  # sequences per forward/backward (0: a whole minibatch)
-    ref_refresh: int = 0  # reference ← policy every K steps (0: never)
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 3
-    overlong_filter: bool = True
-    overlong_buffer: int = 0  # the `overlong` reward's buffer (tokens)
-    eval_every: int = 20
-    eval_n: int = 200
-    seed: int = 0
-    device: str = "auto"
-    param_dtype: str = "fp32"
-    autocast: bool | None = None
-    threads: int | None = None
-    keep: int = 1
+    init_from: str = option("", unset="none; needed unless --demo",
+                            help="the policy's checkpoint directory (Hugging Face layout + tokenizer), e.g. an SFT "
+                                 "run's")
+    task: str = task_option("arithmetic")
+    rewards: str = option("accuracy=1,format=1", help="NAME[=WEIGHT],...: accuracy, format, overlong, "
+                                                      "package.module:function (R1: accuracy + format, equal weight)")
+    steps: int = option(100, help="GRPO steps")
+    prompts_per_step: int = option(16, help="prompts per step")
+    group_size: int = option(8, aliases=("-G",), help="completions per prompt G")
+    max_tokens: int = option(256, help="longest completion (tokens)")
+    temperature: float = option(1.0, help="sampling temperature")
+    top_p: float = option(1.0, help="nucleus sampling")
+    beta: float = option(0.0, unset="no reference model",
+                         help="KL coefficient β (TRL's default 0; DeepSeekMath 0.04)")
+    eps_low: float = option(0.2, help="lower clip ε_low")
+    eps_high: float = option(0.2, help="upper clip ε_high (DAPO's clip-higher: 0.28)")
+    aggregation: str = option("dapo", choices=AGGREGATIONS, help="loss aggregation")
+    scale_rewards: str = option("group", choices=SCALES, help="advantage std scaling")
+    mu: int = option(1, help="policy-update passes over each rollout μ")
+    minibatches: int = option(1, help="optimizer steps per pass")
+    micro_batch_size: int = option(0, unset="a whole minibatch", help="sequences per forward/backward")
+    ref_refresh: int = option(0, unset="never", help="reference ← policy every K steps")
+    dynamic_sampling: bool = option(False, help="drop groups with equal rewards and sample more prompts (DAPO)")
+    max_sampling_rounds: int = option(3, help="with --dynamic-sampling: sampling rounds per step at most")
+    overlong_filter: bool = option(True, help="mask truncated completions out of the loss")
+    overlong_buffer: int = option(0, help="buffer of the 'overlong' reward (tokens)")
+    eval_every: int = option(20, help="held-out greedy accuracy every N steps (0: off)")
+    eval_n: int = option(200, help="held-out problems")
+    optim: OptimConfig = piece(OptimConfig, **GRPO_OPTIM)
+    runtime: RuntimeConfig = piece(RuntimeConfig, out="runs/grpo", keep=1)
 
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+        check(self)
         if self.group_size < 2:
             bad("group_size", "must be >= 2: a group of one has no relative advantage")
         for name in ("steps", "prompts_per_step", "max_tokens", "mu", "minibatches", "max_sampling_rounds"):
@@ -100,10 +99,6 @@ class GRPOConfig:
                 bad(name, "must be >= 1")
         if self.temperature <= 0:
             bad("temperature", "must be > 0: GRPO needs sampled, not greedy, completions")
-        if self.aggregation not in AGGREGATIONS:
-            bad("aggregation", f"must be one of {AGGREGATIONS}")
-        if self.scale_rewards not in SCALES:
-            bad("scale_rewards", f"must be one of {SCALES}")
         if self.prompts_per_step * self.group_size % self.minibatches:
             bad("minibatches", f"must divide prompts_per_step × group_size = {self.prompts_per_step * self.group_size}")
 
@@ -121,15 +116,15 @@ class Rollout:
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
-        self.model, self.tok, self.device = load_policy(cfg.init_from, cfg.device, cfg.param_dtype, cfg.threads)
-        self.autocast = self.device.type == "cuda" if cfg.autocast is None else cfg.autocast
+        self.model, self.tok, self.device = load_policy(cfg.init_from, cfg.runtime)
+        self.autocast = cfg.runtime.use_autocast(self.device)
         self.task = get_task(cfg.task)
         self.rewards = build_rewards(cfg.rewards, self.task, cfg.max_tokens, cfg.overlong_buffer)
         # Used in turn, again from the start once each was used (a small task has fewer than a long run asks for).
-        self.train_problems = self.task.problems(cfg.steps * cfg.prompts_per_step, cfg.seed, fewer_ok=True)
-        self.heldout = self.task.problems(cfg.eval_n, cfg.seed, "test") if cfg.eval_every else []
+        self.train_problems = self.task.problems(cfg.steps * cfg.prompts_per_step, cfg.runtime.seed, fewer_ok=True)
+        self.heldout = self.task.problems(cfg.eval_n, cfg.runtime.seed, "test") if cfg.eval_every else []
         self.next_problem = 0
-        self.opt = build_optimizer(self.model, cfg)
+        self.opt = build_optimizer(self.model, cfg.optim)
         self.ref = copy.deepcopy(self.model).requires_grad_(False) if cfg.beta else None
         # The engine samples with the policy's own weights: the module itself, or a bf16 copy on a GPU.
         shared = self.device.type == "cpu" or next(self.model.parameters()).dtype == torch.bfloat16
@@ -137,8 +132,8 @@ class GRPOTrainer:
         n_seqs = min(256, cfg.prompts_per_step * cfg.group_size)
         blocks = n_seqs * (-(-(cfg.max_tokens + 512) // 64) + 1)  # prompts up to 512 tokens; more preempts
         self.engine = Engine(self.engine_model, self.tok, EngineConfig(num_blocks=blocks, max_num_seqs=n_seqs,
-                                                                       seed=cfg.seed))
-        self.run_dir = Path(cfg.out)
+                                                                       seed=cfg.runtime.seed))
+        self.run_dir = Path(cfg.runtime.out)
         self.step = 0
 
     # ---- rollout ------------------------------------------------------------------------------------------
@@ -151,7 +146,7 @@ class GRPOTrainer:
         cfg, G = self.cfg, self.cfg.group_size
         prompts = [self.tok.apply_chat_template(p.messages(), tokenize=True) for p in problems]
         params = [SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                 seed=hash((cfg.seed, self.step, self.next_problem, i)) & (2**62 - 1))
+                                 seed=hash((cfg.runtime.seed, self.step, self.next_problem, i)) & (2**62 - 1))
                   for i in range(len(problems))]
         self.model.eval()
         with torch.inference_mode():
@@ -236,7 +231,7 @@ class GRPOTrainer:
         if not reuse_logp or self.ref is not None:
             old, ref = self._recorded_logps(ro, micro, need_old=not reuse_logp)
         sums, n_opt, entropies = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}, 0, []
-        g = torch.Generator().manual_seed(cfg.seed * 1000003 + self.step)
+        g = torch.Generator().manual_seed(cfg.runtime.seed * 1000003 + self.step)
         for _ in range(cfg.mu):
             order = torch.randperm(N, generator=g).tolist()
             for start in range(0, N, mb_size):
@@ -260,7 +255,7 @@ class GRPOTrainer:
                     sums["loss"] += float(loss.detach())
                     for k in ("clip_low", "clip_high", "kl"):
                         sums[k] += m.get(k, 0.0) * w
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 n_opt += 1
@@ -299,14 +294,14 @@ class GRPOTrainer:
         self.model.eval()
         with torch.inference_mode():
             r = task_accuracy(self.engine, self.task, self.heldout, max_tokens=self.cfg.max_tokens,
-                              seed=self.cfg.seed)
+                              seed=self.cfg.runtime.seed)
         return {"step": self.step, "eval_accuracy": r["accuracy"], "eval_format_rate": r["format_rate"],
                 "eval_mean_length": r["mean_length"]}
 
     # ---- the run ------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg.optim, cfg.steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
@@ -329,7 +324,7 @@ class GRPOTrainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (self.run_dir / "run.json").write_text(to_json(cfg))
         print(f"GRPO on {self.task.name}: {cfg.steps} steps of {cfg.prompts_per_step} prompts × G={cfg.group_size}, "
               f"rewards {cfg.rewards}, aggregation {cfg.aggregation}, scaling {cfg.scale_rewards}, β={cfg.beta}, "
               f"on {self.device}")
@@ -354,53 +349,19 @@ class GRPOTrainer:
         tok_dir = self.run_dir / "tokenizer"
         self.tok.save(tok_dir)
         ckpt = save_checkpoint(self.run_dir, self.step, self.model, self.opt,
-                               {"grpo_config": dataclasses.asdict(cfg)}, cfg.keep, tok_dir)
+                               {"grpo_config": dataclasses.asdict(cfg)}, cfg.runtime.keep, tok_dir)
         return {"steps": self.step, "checkpoint": str(ckpt / "model"), "plot": str(plot_rl(self.run_dir)),
                 "accuracy_before": first and first["eval_accuracy"], "accuracy_after": last and last["eval_accuracy"],
                 "n_heldout": len(self.heldout)}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    d = GRPOConfig()
-    a("--demo", action="store_true", help="pretrain-or-load tiny → SFT on the task format → GRPO, with held-out "
-      "accuracy before and after (CPU, under 20 minutes); other flags are ignored but --out, --init-from, --threads")
-    a("--init-from", help="policy checkpoint directory (Hugging Face layout + tokenizer), e.g. from dsv3 sft")
-    a("--task", default=d.task, help="arithmetic[:MIN-MAX[+-]], countdown[:COUNT] or rg:DATASET (default arithmetic)")
-    a("--rewards", default=d.rewards, help="NAME[=WEIGHT],...: accuracy, format, overlong, package.module:function "
-      f"(default {d.rewards})")
-    a("--out", help="run directory (default runs/grpo; runs/grpo-demo with --demo)")
-    a("--steps", type=int, default=d.steps, help=f"GRPO steps (default {d.steps})")
-    a("--prompts-per-step", type=int, default=d.prompts_per_step,
-      help=f"prompts per step (default {d.prompts_per_step})")
-    a("--group-size", "-G", type=int, default=d.group_size, help=f"completions per prompt G (default {d.group_size})")
-    a("--max-tokens", type=int, default=d.max_tokens, help=f"longest completion (tokens; default {d.max_tokens})")
-    a("--temperature", type=float, default=d.temperature, help="sampling temperature (default 1.0)")
-    a("--top-p", type=float, default=d.top_p, help="nucleus sampling (default 1.0)")
-    a("--lr", type=float, default=d.lr, help=f"learning rate, constant after warmup (default {d.lr})")
-    a("--warmup", type=int, default=d.warmup, help="warmup steps (default 0)")
-    a("--beta", type=float, default=d.beta, help="KL coefficient β (default 0: no reference model)")
-    a("--eps-low", type=float, default=d.eps_low, help="lower clip ε_low (default 0.2)")
-    a("--eps-high", type=float, default=d.eps_high, help="upper clip ε_high (default 0.2; DAPO 0.28)")
-    a("--aggregation", choices=AGGREGATIONS, default=d.aggregation, help="loss aggregation (default dapo)")
-    a("--scale-rewards", choices=SCALES, default=d.scale_rewards, help="advantage std scaling (default group)")
-    a("--mu", type=int, default=d.mu, help="policy-update passes per rollout μ (default 1)")
-    a("--minibatches", type=int, default=d.minibatches, help="optimizer steps per pass (default 1)")
-    a("--micro-batch-size", type=int, default=0, help="sequences per forward/backward (default: a minibatch)")
-    a("--ref-refresh", type=int, default=0, help="reference ← policy every K steps (default 0: never)")
-    a("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=False,
-      help="drop groups with equal rewards and sample more prompts (DAPO)")
-    a("--overlong-filter", action=argparse.BooleanOptionalAction, default=True,
-      help="mask truncated completions out of the loss (default on)")
-    a("--overlong-buffer", type=int, default=0, help="buffer of the 'overlong' reward (tokens)")
-    a("--eval-every", type=int, default=d.eval_every, help="held-out greedy accuracy every N steps (0: off)")
-    a("--eval-n", type=int, default=d.eval_n, help=f"held-out problems (default {d.eval_n})")
-    a("--seed", type=int, default=0, help="seed of problems and sampling (default 0)")
-    a("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--demo", action="store_true",
+                   help="pretrain-or-load tiny → SFT on the task format → GRPO, with held-out accuracy before and "
+                        "after, on a laptop CPU (docs/post-training.md#demo), in runs/grpo-demo unless --out; "
+                        "flags other than --out, --init-from and --threads are ignored")
+    add_flags(p, GRPOConfig)
 
 
 def from_args(args: argparse.Namespace) -> GRPOConfig:
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    return GRPOConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-
+    return options.from_args(GRPOConfig, args)

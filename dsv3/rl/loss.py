@@ -1,4 +1,5 @@
-"""The GRPO objective (SPEC §15.2): group-normalised advantages and the clipped, KL-regularised policy loss.
+"""The GRPO objective (docs/post-training.md#grpo-objective): group-normalised advantages and the clipped,
+KL-regularised policy loss.
 
 Pure functions of tensors, so the tests can check them in float64 against a hand evaluation and against TRL.
 Shapes: N sampled completions (contiguous groups of G per prompt), T completion positions (right-padded).

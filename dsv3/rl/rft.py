@@ -1,18 +1,22 @@
-"""`dsv3 rft`: rejection-sampling fine-tuning (R1 §2.3.3, SPEC §15.4). Sample k completions per prompt from the
-model, keep the ones the verifier marks correct and that pass the format filter (one copy of each distinct
-completion), write them as SFT data (OUT/rft.jsonl), and fine-tune the same model on them."""
+"""`dsv3 rft`: rejection-sampling fine-tuning (R1 report §2.3.3, docs/post-training.md#rejection-sampling).
+Sample k completions per prompt from the model, keep the ones the verifier marks correct and that pass the
+format filter (one copy of each distinct completion), write them as SFT data (OUT/rft.jsonl), and fine-tune the
+same model on them."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from dsv3.infer.engine import Engine
 from dsv3.infer.llm import LLM, run_requests
 from dsv3.infer.sampler import SamplingParams
-from dsv3.rl.sft import SFTConfig, SFTTrainer
-from dsv3.rl.tasks import Problem, Task, final_answer, get_task, well_formed
+from dsv3.options import add_flags, flat_init, option, piece
+from dsv3.rl.sft import SFT_OPTIM, SFTConfig, SFTTrainer
+from dsv3.rl.tasks import Problem, Task, final_answer, get_task, task_option, well_formed
+from dsv3.train.config import OptimConfig, RuntimeConfig
 
 
 def rejection_sample(engine: Engine, task: Task, problems: list[Problem], k: int, temperature: float,
@@ -29,39 +33,41 @@ def rejection_sample(engine: Engine, task: Task, problems: list[Problem], k: int
     return kept
 
 
+@flat_init
+@dataclass(slots=True)
+class RFTConfig:
+    checkpoint: str = option("", positional=True,
+                             help="the model to sample from and fine-tune (Hugging Face layout + tokenizer)")
+    task: str = task_option("arithmetic")
+    n: int = option(1000, help="training prompts to sample")
+    k: int = option(8, help="samples per prompt")
+    temperature: float = option(1.0, help="sampling temperature")
+    max_tokens: int = option(256, help="longest completion (tokens)")
+    epochs: float = option(2.0, help="SFT passes over the kept samples")
+    seq_len: int = option(1024, help="SFT packed row length (tokens)")
+    optim: OptimConfig = piece(OptimConfig, **SFT_OPTIM)  # of the SFT on the kept samples
+    runtime: RuntimeConfig = piece(RuntimeConfig, out="runs/rft", keep=1)
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("checkpoint", help="the model to sample from and fine-tune (Hugging Face layout + tokenizer)")
-    a("--task", default="arithmetic", help="arithmetic[:MIN-MAX[+-]], countdown[:COUNT] or rg:DATASET")
-    a("--n", type=int, default=1000, help="training prompts to sample (default 1000)")
-    a("--k", type=int, default=8, help="samples per prompt (default 8)")
-    a("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    a("--max-tokens", type=int, default=256, help="longest completion (tokens; default 256)")
-    a("--epochs", type=float, default=2.0, help="SFT passes over the kept samples (default 2)")
-    a("--lr", type=float, default=5e-5, help="SFT peak learning rate (default 5e-5)")
-    a("--seq-len", type=int, default=1024, help="SFT packed row length (tokens; default 1024)")
-    a("--seed", type=int, default=0, help="seed of prompts and sampling (default 0)")
-    a("--out", default="runs/rft", help="run directory (default runs/rft)")
-    a("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    add_flags(p, RFTConfig)
 
 
-def run(args: argparse.Namespace) -> dict:
-    task = get_task(args.task)
-    engine = LLM(args.checkpoint, device=args.device).engine
-    kept = rejection_sample(engine, task, task.problems(args.n, args.seed), args.k, args.temperature,
-                            args.max_tokens, args.seed)
+def run(cfg: RFTConfig) -> dict:
+    task, seed = get_task(cfg.task), cfg.runtime.seed
+    engine = LLM(cfg.checkpoint, device=cfg.runtime.device).engine
+    kept = rejection_sample(engine, task, task.problems(cfg.n, seed), cfg.k, cfg.temperature, cfg.max_tokens, seed)
     if not kept:
-        raise ValueError(f"no correct, well-formed completion among {args.n}×{args.k} samples: nothing to train on")
-    out = Path(args.out)
+        raise ValueError(f"no correct, well-formed completion among {cfg.n}×{cfg.k} samples: nothing to train on")
+    out = Path(cfg.runtime.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".rft.jsonl.{os.getpid()}"
     tmp.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in kept), encoding="utf-8")
     os.replace(tmp, out / "rft.jsonl")
-    print(f"kept {len(kept)} correct completions of {args.n}×{args.k} samples -> {out / 'rft.jsonl'}")
+    print(f"kept {len(kept)} correct completions of {cfg.n}×{cfg.k} samples -> {out / 'rft.jsonl'}")
     del engine
-    summary = SFTTrainer(SFTConfig(init_from=args.checkpoint, data=[str(out / "rft.jsonl")], out=str(out),
-                                   epochs=args.epochs, lr=args.lr, seq_len=args.seq_len, seed=args.seed,
-                                   device=args.device or "auto")).run()
-    result = {"kept": len(kept), "sampled": args.n * args.k, **summary}
+    summary = SFTTrainer(SFTConfig(init_from=cfg.checkpoint, data=[str(out / "rft.jsonl")], epochs=cfg.epochs,
+                                   seq_len=cfg.seq_len, optim=cfg.optim, runtime=cfg.runtime)).run()
+    result = {"kept": len(kept), "sampled": cfg.n * cfg.k, **summary}
     print(json.dumps(result))
     return result

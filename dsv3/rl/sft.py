@@ -1,4 +1,5 @@
-"""`dsv3 sft`: supervised fine-tuning on chat data, loss on the assistant's tokens only (SPEC §15.1).
+"""`dsv3 sft`: supervised fine-tuning on chat data, loss on the assistant's tokens only
+(docs/post-training.md#sft).
 
 Data: JSONL, one example per line, either `{"messages": [...]}` (OpenAI / DeepSeek message dicts, tool calls
 and `<think>` reasoning included) or `{"prompt": ..., "completion": "..."}` (the prompt a string, or messages
@@ -23,18 +24,21 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from dsv3 import options
 from dsv3.data.loader import Batch
-from dsv3.io import load_model
 from dsv3.kernels.cross_entropy import cross_entropy
 from dsv3.model import Transformer
+from dsv3.options import add_flags, flat_init, option, piece, positive, to_json
+from dsv3.rl.policy import load_policy
 from dsv3.tokenizer import THINK, THINK_END, Tokenizer
 from dsv3.train.checkpoint import save_checkpoint
+from dsv3.train.config import OptimConfig, RuntimeConfig
 from dsv3.train.metrics import MetricsLog
 from dsv3.train.objective import update_balance_bias
 from dsv3.train.optim import build_optimizer, lr_at
@@ -42,37 +46,28 @@ from dsv3.train.optim import build_optimizer, lr_at
 IGNORE = -100
 
 
+SFT_OPTIM = dict(lr=5e-5, warmup=10)  # R1: cosine 5e-5 -> 5e-6 (min_lr_ratio 0.1); rft fine-tunes with these too
+
+
+@flat_init
 @dataclass(slots=True)
 class SFTConfig:
-    init_from: str = ""  # checkpoint directory (HF layout with its tokenizer files)
-    data: list[str] = field(default_factory=list)  # JSONL files
-    out: str = "runs/sft"
-    epochs: float = 2.0
-    steps: int = 0  # 0: from epochs
-    batch_size: int = 16  # packed rows of seq_len per optimizer step
-    micro_batch_size: int | None = None
-    seq_len: int = 1024
-    lr: float = 5e-5  # R1: cosine 5e-5 -> 5e-6
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    schedule: str = "cosine"
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    bias_update_rate: float = 0.0  # aux-loss-free bias updates during SFT (0: biases frozen)
-    seed: int = 0
-    device: str = "auto"
-    param_dtype: str = "fp32"
-    autocast: bool | None = None  # None: bf16 autocast on GPU, fp32 on CPU
-    threads: int | None = None
-    keep: int = 1
+    init_from: str = option("", required=True, help="checkpoint directory to fine-tune (Hugging Face layout + "
+                                                    "tokenizer)")
+    data: list[str] = option(default_factory=list, nargs="+", required=True,
+                             help="JSONL files of {'messages': [...]} or {'prompt', 'completion'}")
+    epochs: float = option(2.0, help="passes over the data (R1: 2)")
+    steps: int = option(0, unset="from --epochs", help="optimizer steps")
+    batch_size: int = option(16, help="packed rows of seq-len per optimizer step")
+    micro_batch_size: int | None = option(None, unset="the whole batch",
+                                          help="rows per forward/backward (gradient accumulation)")
+    seq_len: int = option(1024, help="tokens per packed row")
+    bias_update_rate: float = option(0.0, unset="biases frozen", help="γ of aux-loss-free bias updates during SFT")
+    optim: OptimConfig = piece(OptimConfig, **SFT_OPTIM)
+    runtime: RuntimeConfig = piece(RuntimeConfig, out="runs/sft", keep=1)
 
     def __post_init__(self):
-        for name in ("batch_size", "seq_len", "keep"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        positive(self, "batch_size", "seq_len")
         if self.epochs <= 0 and self.steps <= 0:
             raise ValueError(f"epochs={self.epochs} and steps={self.steps}: one must be positive")
         mb = self.micro_batch_size or self.batch_size
@@ -180,21 +175,6 @@ def cat(rows: list[Batch]) -> Batch:
 
 
 # ---- model ------------------------------------------------------------------------------------------------
-def load_policy(path: str, device: str, param_dtype: str, threads: int | None = None):
-    """-> (model in train mode, its tokenizer, device) from a checkpoint directory with tokenizer files."""
-    if not path:
-        raise ValueError("--init-from: a checkpoint directory (Hugging Face layout with tokenizer files) is needed")
-    if threads:
-        torch.set_num_threads(threads)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    dtype = torch.bfloat16 if param_dtype == "bf16" and dev.type == "cuda" else torch.float32
-    tok = Tokenizer.from_dir(path)
-    model = load_model(path, device=dev, dtype=dtype)
-    for moe in model.moe_layers():
-        moe.balance_coef = 0.0  # fine-tuning adds no balance loss
-    return model.train(), tok, dev
-
-
 def token_nll(model: Transformer, batch: Batch, autocast: bool):
     """-> (summed NLL of the labelled tokens of a packed batch, the model's output)."""
     with torch.autocast(batch.input_ids.device.type, torch.bfloat16, enabled=autocast):
@@ -204,8 +184,8 @@ def token_nll(model: Transformer, batch: Batch, autocast: bool):
 
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, examples: list[dict] | None = None):
-        self.model, self.tok, self.device = load_policy(cfg.init_from, cfg.device, cfg.param_dtype, cfg.threads)
-        self.autocast = self.device.type == "cuda" if cfg.autocast is None else cfg.autocast
+        self.model, self.tok, self.device = load_policy(cfg.init_from, cfg.runtime)
+        self.autocast = cfg.runtime.use_autocast(self.device)
         examples = examples if examples is not None else read_examples(cfg.data)
         tokenized = []
         for n, ex in enumerate(examples):
@@ -214,7 +194,7 @@ class SFTTrainer:
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"SFT example {n}: {e}") from None
         self.truncated = sum(len(x) > cfg.seq_len for x, _ in tokenized)
-        rng, self.rows, epochs = random.Random(cfg.seed), [], 0
+        rng, self.rows, epochs = random.Random(cfg.runtime.seed), [], 0
         while True:  # a new order (and packing) every epoch, as many epochs as the steps need
             rng.shuffle(tokenized)
             self.rows += pack(tokenized, cfg.seq_len, self.tok.eos_id)
@@ -224,12 +204,12 @@ class SFTTrainer:
         steps = cfg.steps or max(1, int(len(self.rows) / epochs * cfg.epochs) // cfg.batch_size)
         self.cfg = dataclasses.replace(cfg, steps=steps)
         self.n_examples = len(examples)
-        self.opt = build_optimizer(self.model, self.cfg)
-        self.run_dir = Path(cfg.out)
+        self.opt = build_optimizer(self.model, cfg.optim)
+        self.run_dir = Path(cfg.runtime.out)
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg.optim, cfg.steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         start = step * cfg.batch_size % len(self.rows)
@@ -242,7 +222,7 @@ class SFTTrainer:
             total += float(nll.detach())
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if cfg.bias_update_rate and counts is not None and self.model.config.topk_method == "noaux_tc":
@@ -253,7 +233,7 @@ class SFTTrainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (self.run_dir / "run.json").write_text(to_json(cfg))
         print(f"SFT: {self.n_examples} examples in {len(self.rows)} packed rows of {cfg.seq_len} tokens "
               f"({self.truncated} cut at seq_len), {cfg.steps} steps of {cfg.batch_size} rows on {self.device}")
         log = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -269,30 +249,13 @@ class SFTTrainer:
         tok_dir = self.run_dir / "tokenizer"
         self.tok.save(tok_dir)
         ckpt = save_checkpoint(self.run_dir, cfg.steps, self.model, self.opt, {"sft_config": dataclasses.asdict(cfg)},
-                               cfg.keep, tok_dir)
+                               cfg.runtime.keep, tok_dir)
         return {"steps": cfg.steps, "loss": rec["loss"], "checkpoint": str(ckpt / "model")}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--init-from", required=True, help="checkpoint directory to fine-tune (Hugging Face layout + tokenizer)")
-    a("--data", nargs="+", required=True, help="JSONL files of {'messages': [...]} or {'prompt', 'completion'}")
-    a("--out", default="runs/sft", help="run directory (default runs/sft)")
-    a("--epochs", type=float, default=2.0, help="passes over the data (default 2, as R1)")
-    a("--steps", type=int, default=0, help="optimizer steps (default: from --epochs)")
-    a("--batch-size", type=int, default=16, help="packed rows per optimizer step (default 16)")
-    a("--micro-batch-size", type=int, help="rows per forward/backward (gradient accumulation)")
-    a("--seq-len", type=int, default=1024, help="tokens per packed row (default 1024)")
-    a("--lr", type=float, default=5e-5, help="peak learning rate, cosine to a tenth of it (default 5e-5)")
-    a("--warmup", type=int, default=10, help="warmup steps (default 10)")
-    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
-    a("--bias-update-rate", type=float, default=0.0, help="γ of aux-loss-free bias updates (default 0: frozen)")
-    a("--seed", type=int, default=0, help="seed of the data order (default 0)")
-    a("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    a("--param-dtype", choices=("fp32", "bf16"), default="fp32", help="parameter dtype on GPU (default fp32)")
-    a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add_flags(p, SFTConfig)
 
 
 def from_args(args: argparse.Namespace) -> SFTConfig:
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    return SFTConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    return options.from_args(SFTConfig, args)

@@ -1,10 +1,12 @@
-"""Problems with verifiable answers for SFT, GRPO and `dsv3 eval` (SPEC §15.6), all generated offline.
+"""Problems with verifiable answers for SFT, GRPO and `dsv3 eval` (docs/post-training.md#tasks), all generated
+offline.
 
 A completion answers in the R1 format: `<think>reasoning</think>answer`. Each task generates seeded problems,
 scores an answer, and writes a worked solution in that format (the SFT warm-start data, so a small model learns
 the format before RL: without it GRPO gets no reward signal).
 
 - `arithmetic`: n-digit addition and subtraction, solved column by column in the reasoning.
+- `chain`: sums of several small numbers, rewritten one addition per line (the GRPO demo's task).
 - `countdown`: reach a target with + − × ÷ using each given number once (TinyZero's task).
 - `rg:NAME`: any reasoning-gym dataset (optional dependency), scored by reasoning-gym itself.
 
@@ -19,7 +21,9 @@ import operator
 import random
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
+from dsv3.options import option
 from dsv3.tokenizer import THINK, THINK_END
 
 TEST_SHARE = 0.1
@@ -241,8 +245,16 @@ class ReasoningGym(Task):
         return f"The answer is {problem.answer}."
 
 
+# The names get_task accepts; the --task help of grpo, rft and eval lists them from here.
+TASKS = ("arithmetic[:MIN-MAX[+-]]", "chain[:MIN-MAX]", "countdown[:COUNT]", "rg:DATASET")
+
+
+def task_option(default: str | None) -> Any:
+    return option(default, unset="none", help=f"{', '.join(TASKS)} (rg: a reasoning-gym dataset)")
+
+
 def get_task(name: str) -> Task:
-    """`arithmetic` (2–3 digits, + and −), `arithmetic:MIN-MAX[+-]`, `chain[:MIN-MAX]` (terms),
+    """`arithmetic` (2–3 digits, + and −), `arithmetic:MIN-MAX[+-]` (digits), `chain[:MIN-MAX]` (terms),
     `countdown[:COUNT]`, `rg:DATASET`."""
     kind, _, arg = name.partition(":")
     if kind == "arithmetic":
@@ -262,4 +274,4 @@ def get_task(name: str) -> Task:
         return Countdown(int(arg)) if arg else Countdown()
     if kind == "rg" and arg:
         return ReasoningGym(arg)
-    raise ValueError(f"unknown task {name!r}: use arithmetic[:MIN-MAX[+-]], countdown[:COUNT] or rg:DATASET")
+    raise ValueError(f"unknown task {name!r}: use {', '.join(TASKS)}")

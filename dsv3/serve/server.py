@@ -8,7 +8,9 @@ import signal
 import threading
 from pathlib import Path
 
-import torch
+from dsv3.infer.llm import LoadConfig, inference_dtype
+from dsv3.options import add_flags, from_args
+from dsv3.runtime import resolve_device
 
 
 def default_model_name(ckpt: Path) -> str:
@@ -35,10 +37,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight per API key before 429")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP drafts per step (0 or 1)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a CPU")
-    p.add_argument("--fp8-weights", action="store_true",
-                   help="decoder weights in FP8 (e4m3, 128x128 block scales): half the memory (a CPU: far slower)")
+    add_flags(p, LoadConfig)
 
 
 def run(args) -> None:
@@ -52,11 +51,10 @@ def run(args) -> None:
     from dsv3.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    load = from_args(LoadConfig, args)
+    device = resolve_device(load.device)
     ckpt = Path(args.checkpoint)
-    default = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    dtype = getattr(torch, args.dtype) if args.dtype else default
-    model = load_model(ckpt, device=device, dtype=dtype, fp8_weights=args.fp8_weights)
+    model = load_model(ckpt, device=device, dtype=inference_dtype(load.dtype, device), fp8_weights=load.fp8_weights)
     keys = args.api_key
     if args.api_keys_file:
         keys = [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]

@@ -5,6 +5,28 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s of the GPUs whose MFU we report, from NVIDIA's datasheets, by
+# a part of torch.cuda.get_device_name(): the first match wins, so the PCIe and NVL variants precede the SXM name.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of `device` for MFU; None on a CPU or a GPU missing from the table (then no MFU is
+    logged, rather than one against another GPU's peak)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for part, flops in PEAK_BF16_FLOPS if part in name), None)
+
 
 class MetricsLog:
     """JSONL, flushed per line. A run from the start replaces an earlier run's file in the same directory; on

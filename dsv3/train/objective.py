@@ -1,4 +1,5 @@
-"""The pretraining objective (SPEC §8.1, §9): next-token loss, the MTP loss, and the balancing rules."""
+"""The pretraining objective: next-token loss, the MTP loss (docs/architecture.md#multi-token-prediction), and
+the balancing rules (docs/architecture.md#auxiliary-loss-free-balancing, #sequence-wise-balance-loss)."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,8 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def update_balance_bias(model: Transformer, counts_LE: torch.Tensor, rate: float) -> None:
-    """Aux-loss-free balancing (SPEC §9.1): b_i += γ·sign(mean_j c_j − c_i), counts over the global batch."""
+    """Aux-loss-free balancing (docs/architecture.md#auxiliary-loss-free-balancing):
+    b_i += γ·sign(mean_j c_j − c_i), counts over the global batch."""
     for moe, counts_E in zip(model.moe_layers(), counts_LE):
         c = counts_E.float()
         moe.gate.e_score_correction_bias += rate * torch.sign(c.mean() - c)

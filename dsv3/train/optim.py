@@ -6,23 +6,24 @@ import math
 import torch
 
 from dsv3.model import Transformer
-from dsv3.train.config import TrainConfig
+from dsv3.train.config import OptimConfig, TrainConfig
 
 
-def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Transformer, optim: OptimConfig) -> torch.optim.Optimizer:
     # Decay matrices (linears, embedding, stacked experts); never norms. Balance biases are buffers, not params.
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if getattr(cfg, "moments_dtype", "fp32") == "bf16":
-        return AdamWBF16Moments(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=params[0].is_cuda)
+    betas = (optim.beta1, optim.beta2)
+    if optim.moments_dtype == "bf16":
+        return AdamWBF16Moments(groups, lr=optim.lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, fused=params[0].is_cuda)
 
 
 class AdamWBF16Moments(torch.optim.Optimizer):
-    """AdamW (torch's update rule) whose two moments are stored in bf16, as DeepSeek-V3 trained (§3.3): 4 bytes
-    per parameter instead of 8. Each step reads them into fp32, updates, and rounds them back; the parameter
-    update itself is fp32 on the master weights."""
+    """AdamW (torch's update rule) whose two moments are stored in bf16, as DeepSeek-V3 trained (DeepSeek-V3
+    report §3.3): 4 bytes per parameter instead of 8. Each step reads them into fp32, updates, and rounds them
+    back; the parameter update itself is fp32 on the master weights."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -51,19 +52,19 @@ class AdamWBF16Moments(torch.optim.Optimizer):
                 p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - b1 ** t))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine to min_lr_ratio·lr, or warmup-stable-decay (linear decay at the end)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
+def lr_at(step: int, optim: OptimConfig, steps: int) -> float:
+    """Linear warmup, then cosine to min_lr_ratio·lr at `steps`, or warmup-stable-decay (linear decay at the end)."""
+    if step < optim.warmup:
+        return optim.lr * (step + 1) / optim.warmup
+    floor = optim.lr * optim.min_lr_ratio
+    if optim.schedule == "cosine":
+        t = (step - optim.warmup) / max(1, steps - optim.warmup)
+        return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    decay_start = int(steps * (1 - optim.decay_fraction))
     if step < decay_start:
-        return cfg.lr
-    t = (step - decay_start) / max(1, cfg.steps - decay_start)
-    return cfg.lr + (floor - cfg.lr) * min(t, 1.0)
+        return optim.lr
+    t = (step - decay_start) / max(1, steps - decay_start)
+    return optim.lr + (floor - optim.lr) * min(t, 1.0)
 
 
 def mtp_lambda_at(step: int, cfg: TrainConfig) -> float:

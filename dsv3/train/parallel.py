@@ -25,6 +25,8 @@ import torch.distributed.nn.functional as dnn
 
 from dsv3.kernels.moe import accumulation_dtype
 from dsv3.model.moe import Experts
+from dsv3.runtime import resolve_device
+from dsv3.train.config import TrainConfig
 from dsv3.train.pipeline import n_stages, pipeline_microbatches
 
 
@@ -52,36 +54,36 @@ class Layout:
         return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
 
 
-def layout_errors(cfg, world: int, n_experts: int, n_layers: int | None = None) -> list[str]:
-    errors = []
-    if cfg.pp < 1 or world % cfg.pp:
-        return [f"--pp {cfg.pp} does not divide the world size {world}"]
-    stages = n_stages(cfg.pp, cfg.pp_schedule)
-    if cfg.pp > 1 and n_layers is not None and n_layers < stages:
-        errors.append(f"the model's {n_layers} layers cannot fill {stages} pipeline stages (--pp {cfg.pp} "
-                      f"--pp-schedule {cfg.pp_schedule}{': two stages per rank' if stages > cfg.pp else ''})")
-    dp = world // cfg.pp
+def layout_errors(cfg: TrainConfig, world: int, n_experts: int, n_layers: int | None = None) -> list[str]:
+    par, errors = cfg.parallel, []
+    if par.pp < 1 or world % par.pp:
+        return [f"--pp {par.pp} does not divide the world size {world}"]
+    stages = n_stages(par.pp, par.pp_schedule)
+    if par.pp > 1 and n_layers is not None and n_layers < stages:
+        errors.append(f"the model's {n_layers} layers cannot fill {stages} pipeline stages (--pp {par.pp} "
+                      f"--pp-schedule {par.pp_schedule}{': two stages per rank' if stages > par.pp else ''})")
+    dp = world // par.pp
     mb = cfg.micro_batch_size or cfg.batch_size
-    if cfg.dp_shard not in (-1, dp):
-        errors.append(f"--dp-shard {cfg.dp_shard} does not fit {world} processes with --pp {cfg.pp} (every process "
+    if par.dp_shard not in (-1, dp):
+        errors.append(f"--dp-shard {par.dp_shard} does not fit {world} processes with --pp {par.pp} (every process "
                       f"of a pipeline stage is a data-parallel rank: dp-shard must be -1 or {dp})")
     elif cfg.batch_size % dp or mb % dp:
         errors.append(f"--batch-size {cfg.batch_size} and --micro-batch-size {cfg.micro_batch_size} (global) must "
                       f"be multiples of the {dp} data-parallel ranks")
-    elif cfg.pp > 1 and (mb // dp) % pipeline_microbatches(cfg):
+    elif par.pp > 1 and (mb // dp) % pipeline_microbatches(par):
         errors.append(f"each data-parallel rank's {mb // dp} sequences of a micro-batch must split into "
-                      f"{pipeline_microbatches(cfg)} pipeline micro-batches")
-    if cfg.ep < 1 or dp % cfg.ep:
-        errors.append(f"--ep {cfg.ep} does not divide the {dp} data-parallel ranks (world size {world}"
-                      f"{f' / --pp {cfg.pp}' if cfg.pp > 1 else ''})")
-    elif n_experts % cfg.ep:
-        errors.append(f"--ep {cfg.ep} does not divide the model's n_routed_experts={n_experts}")
-    if cfg.ep > 1 and cfg.precision == "fp8" and cfg.fp8_experts:
+                      f"{pipeline_microbatches(par)} pipeline micro-batches")
+    if par.ep < 1 or dp % par.ep:
+        errors.append(f"--ep {par.ep} does not divide the {dp} data-parallel ranks (world size {world}"
+                      f"{f' / --pp {par.pp}' if par.pp > 1 else ''})")
+    elif n_experts % par.ep:
+        errors.append(f"--ep {par.ep} does not divide the model's n_routed_experts={n_experts}")
+    if par.ep > 1 and cfg.precision == "fp8" and cfg.fp8_experts:
         errors.append("--fp8-experts does not combine with --ep yet (FP8 linears do)")
     return errors
 
 
-def init(cfg, n_experts: int, n_layers: int) -> Layout:
+def init(cfg: TrainConfig, n_experts: int, n_layers: int) -> Layout:
     """Read torchrun's environment, check the layout (one clear error on rank 0 before any work), join the
     process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -94,13 +96,14 @@ def init(cfg, n_experts: int, n_layers: int) -> Layout:
     if "RANK" not in os.environ:  # a plain `dsv3 train`
         return Layout()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    cuda = resolve_device(cfg.runtime.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    dp = world // cfg.pp
-    return Layout(rank=rank, world=world, local_rank=local, dp=dp, dp_rank=rank % dp, ep=cfg.ep, pp=cfg.pp,
+    par = cfg.parallel
+    dp = world // par.pp
+    return Layout(rank=rank, world=world, local_rank=local, dp=dp, dp_rank=rank % dp, ep=par.ep, pp=par.pp,
                   pp_rank=rank // dp, distributed=True)
 
 
@@ -120,6 +123,28 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder blocks and MTP modules of a model or of a pipeline stage, in forward order."""
     layers = model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers
     return [*layers, *model.mtp]
+
+
+def apply_parallelism(model: torch.nn.Module, layout: Layout, mesh: dict | None, checkpointing: bool = False,
+                      compile: bool = False) -> None:
+    """The transforms of a built model (or of one pipeline stage, after the split) in their fixed order: expert
+    parallelism, activation checkpointing, compile (inside each block: DualPipeV refuses compiled stages), FSDP2
+    (not for a pipeline stage alone on its ranks). The model code stays single-device."""
+    if layout.ep > 1:
+        expert_parallel(model, layout, mesh)
+    for block in blocks(model):
+        if checkpointing:
+            block.forward = _checkpointed(block.forward)
+        if compile:
+            block.compile()
+    if layout.distributed and (layout.pp == 1 or layout.dp > 1):
+        shard(model, layout, mesh)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
 
 
 def expert_parallel(model: torch.nn.Module, layout: Layout, mesh: dict) -> None:
@@ -146,7 +171,7 @@ def shard(model: torch.nn.Module, layout: Layout, mesh: dict) -> None:
         if isinstance(m, EPExperts):  # averaged over the dp / ep replicas; scale_expert_grads does the rest
             fully_shard(m, mesh=mesh["ep"]["dp_replicate"], reshard_after_forward=not keep)
     if layout.dp > 1:  # one data-parallel rank has nothing to shard or overlap: the root alone, one unit (each
-        # unit costs ~1 ms of CPU per all-gather and per reduce-scatter: 0.78x of the plain loop with per-block units)
+        # unit costs CPU time per all-gather and per reduce-scatter; measured: docs/training.md)
         for layer in model.mtp:  # the root calls an MTP module's final norm outside the module's forward
             fully_shard(layer.shared_head.norm, mesh=mesh["dp"], reshard_after_forward=not keep)
         units = blocks(model)
@@ -174,7 +199,8 @@ def scale_expert_grads(model: torch.nn.Module, layout: Layout) -> None:
 def clip_grad_norm(params, max_norm: float, layout: Layout = Layout(), optimizer=None) -> torch.Tensor:
     """The global gradient norm, clipped to max_norm. Every gradient element lives on exactly one rank (FSDP and
     expert shards, pipeline stages), so the squares of the local shards summed over all ranks are the square of
-    the global norm: one all-reduce on plain local tensors (DTensor ops cost ~1 ms of CPU each).
+    the global norm: one all-reduce on plain local tensors (each DTensor op costs CPU time; measured:
+    docs/training.md).
 
     Given torch's fused Adam(W) `optimizer` (one process), the gradients are left as they are and the clip
     factor goes to its step as `grad_scale` (which it divides by), saving a pass over every gradient."""

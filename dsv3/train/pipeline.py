@@ -21,15 +21,16 @@ from torch import nn
 from dsv3.model import rope
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import document_positions_and_mask
+from dsv3.train.config import ParallelConfig
 
 
 def n_stages(pp: int, schedule: str) -> int:
     return pp * (2 if schedule == "dualpipev" else 1)
 
 
-def pipeline_microbatches(cfg) -> int:
+def pipeline_microbatches(par: ParallelConfig) -> int:
     """Pipeline micro-batches per training micro-batch: --pp-microbatches, by default one per stage."""
-    return cfg.pp_microbatches or n_stages(cfg.pp, cfg.pp_schedule)
+    return par.pp_microbatches or n_stages(par.pp, par.pp_schedule)
 
 
 class StageModule(nn.Module):
@@ -147,6 +148,25 @@ def build_schedule(model: nn.Module, pp_rank: int, pp: int, n_microbatches: int,
     if schedule == "1f1b":
         return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn), modules
     return ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn), modules
+
+
+def keep_own_stages(model: nn.Module, stages: list[StageModule]) -> tuple[bool, bool]:
+    """Drop from `model` every module that no stage of this rank holds, so that its parameters, optimizer state and
+    checkpoint shards are this rank's alone: a layer held elsewhere becomes an Identity (the indices, hence the
+    parameter names `layers.{i}.…` of the layers kept, stay), the embedding goes unless this rank holds the first
+    stage, the final norm, head and MTP modules unless it holds the last. -> (holds the first stage, the last)."""
+    owned = {int(i) for m in stages for i in m.layers}
+    for i in range(len(model.layers)):
+        if i not in owned:
+            model.layers[i] = nn.Identity()
+    first = any(m.embed_tokens is not None for m in stages)
+    last = any(m.lm_head is not None for m in stages)
+    if not first:
+        model.embed_tokens = None
+    if not last:
+        model.norm = model.lm_head = None
+        model.mtp = nn.ModuleList()
+    return first, last
 
 
 @torch.no_grad()
