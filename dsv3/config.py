@@ -50,7 +50,7 @@ class ModelConfig:
     # Legacy HF form: {"type": "yarn", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
     # "mscale", "mscale_all_dim"} or None. A frozen dataclass cannot hash a dict, so it is excluded from hashing.
     rope_scaling: dict | None = field(default=None, hash=False)
-    rope_interleave: bool = True  # DeepSeek weights store rope rows as interleaved pairs (SPEC §4.3)
+    rope_interleave: bool = True  # DeepSeek weights store rope rows as interleaved pairs (docs/architecture.md#rope-layout)
     tie_word_embeddings: bool = False
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
@@ -58,7 +58,7 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
-    aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight α (SPEC §9.2)
+    aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight α (docs/architecture.md#sequence-wise-balance-loss)
     quantization_config: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
@@ -165,7 +165,7 @@ class ModelConfig:
             rs["type"] = rs.pop("rope_type", None) or rs.get("type", "default")
             kw["rope_scaling"] = None if rs["type"] == "default" else rs
         if model_type == "deepseek_v2":
-            # V2 defaults differ from V3 (SPEC §1.2); V2 always stores interleaved rope rows.
+            # V2 defaults differ from V3 (docs/architecture.md#config-fields); V2 always stores interleaved rope rows.
             kw.setdefault("topk_method", "greedy")
             kw.setdefault("scoring_func", "softmax")
             kw.setdefault("norm_topk_prob", False)

@@ -23,7 +23,7 @@ and the token stride from `stride(-2)`, i.e. it assumes 2-D `[tokens, heads * he
 q_pe as a 3-D strided view `(T, H, 64)` of q and k_pe as a `(T, 1, 64)` view of the kv_a output, so it rotates
 the wrong rows with the wrong angles (only a one-token prompt comes out right). Stock vLLM therefore loads and
 runs the checkpoint, but its tokens differ from transformers' and ours from the first generated token on, dense
-layers or not (the cause of the note in shared/DATA.md that vLLM is no numerical oracle on tiny models).
+layers or not (the cause of the note in docs/data.md#test-oracles that vLLM is no numerical oracle on tiny models).
 `compilation_config={"custom_ops": ["-rotary_embedding"]}` sends rope to the PyTorch-native path; then vLLM in
 fp32 matches dsv3 to 2.4e-6 in log-probability and 16/16 greedy tokens, and in bf16 it matches dsv3 in bf16.
 """

@@ -8,6 +8,7 @@ import sys
 from dsv3.infer.llm import LLM, LoadConfig
 from dsv3.infer.sampler import SamplingParams
 from dsv3.options import add_flags, from_args
+from dsv3.tokenizer import fim_prompt
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +46,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    from dsv3.tokenizer import fim_prompt
     if args.fim_prefix is not None:
         prompt = fim_prompt(args.fim_prefix, args.fim_suffix)
     elif args.prompt_file:

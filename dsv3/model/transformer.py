@@ -144,7 +144,7 @@ class Transformer(nn.Module):
                 doc_ids: torch.Tensor | None = None, cache=None, mtp: bool = False) -> ModelOutput:
         """Training / full-sequence: input_ids (B, T), optional doc_ids (B, T) for packed documents.
 
-        With the inference engine's paged cache (dsv3/infer/kv_cache.py: PagedKV, attended over by the engine's
+        With the inference engine's paged cache (dsv3/infer/paged_kv.py: PagedKV, attended over by the engine's
         MLA after dsv3.infer.transform.prepare_for_engine): input_ids (T,) flattened over sequences, positions (T,)
         required; logits only for `cache.logits_indices` rows when given.
         """

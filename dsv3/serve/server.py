@@ -8,9 +8,12 @@ import signal
 import threading
 from pathlib import Path
 
+from dsv3.infer.engine import Engine, EngineConfig
 from dsv3.infer.llm import LoadConfig, inference_dtype
+from dsv3.io import load_model
 from dsv3.options import add_flags, from_args
 from dsv3.runtime import resolve_device
+from dsv3.tokenizer import Tokenizer
 
 
 def default_model_name(ckpt: Path) -> str:
@@ -41,14 +44,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    try:
+    try:  # the optional 'serve' extra (uvicorn, fastapi): imported here so `dsv3 --help` works without it
         import uvicorn
+
+        from dsv3.serve.app import ServerConfig, create_app
     except ImportError as e:
         raise SystemExit('dsv3 serve needs the serve extra: pip install -e ".[serve]"') from e
-    from dsv3.infer.engine import Engine, EngineConfig
-    from dsv3.io import load_model
-    from dsv3.serve.app import ServerConfig, create_app
-    from dsv3.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     load = from_args(LoadConfig, args)
