@@ -21,6 +21,7 @@ from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import corpus_fingerprint, read_documents
 from dsv3.data.loader import Batch, PackedLoader
 from dsv3.data.tokens import build_token_files, is_token_dir, open_token_files, unigram_loss
+from dsv3.fp8 import apply_fp8
 from dsv3.info import model_stats
 from dsv3.io import load_model
 from dsv3.model import Transformer
@@ -30,7 +31,6 @@ from dsv3.tokenizer import Tokenizer
 from dsv3.train import parallel
 from dsv3.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from dsv3.train.config import TrainConfig
-from dsv3.fp8 import apply_fp8
 from dsv3.train.metrics import MetricsLog, peak_flops, plot_run, start_profile, time_breakdown
 from dsv3.train.objective import max_violation, next_token_loss, set_balance_loss
 from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
