@@ -22,6 +22,17 @@ def small_v3(**overrides) -> dict:
     return kw
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report also shows the logs its fixtures registered as `item.logs` ({title: () -> text}),
+    e.g. what a server subprocess logged during the test (tests/test_clients.py)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for title, read in getattr(item, "logs", {}).items():
+            report.sections.append((title, read()))
+
+
 @pytest.fixture
 def tiny_cfg():
     from dsv3 import ModelConfig
