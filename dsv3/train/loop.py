@@ -96,8 +96,10 @@ class Trainer:
         cfg = self.cfg
         if self._token_dir:
             return open_token_files(self._token_dir, self.tokenizer)
-        return build_token_files(read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
-                                 corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.runtime.seed)
+        data = cfg.data or None
+        return build_token_files(read_documents(data, cfg.text_column), self.tokenizer, self.run_dir / "data",
+                                 corpus_fingerprint(data, cfg.text_column), cfg.val_fraction, cfg.fim_rate,
+                                 cfg.runtime.seed)
 
     def _tokenizer(self) -> Tokenizer:
         out = self.run_dir / "tokenizer"
@@ -110,7 +112,7 @@ class Trainer:
                              "(--tokenizer RUN/tokenizer)")
         else:
             print(f"training a {self.cfg.vocab_size}-token byte-level BPE on the corpus ...")
-            tok = train_bpe(read_documents(self.cfg.data or None), self.cfg.vocab_size)
+            tok = train_bpe(read_documents(self.cfg.data or None, self.cfg.text_column), self.cfg.vocab_size)
         tok.save(out)
         return tok
 
