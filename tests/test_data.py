@@ -1,5 +1,5 @@
 """dsv3.data: corpus reading (Parquet and datasets folders against the same documents as JSONL), BPE training,
-token files (split, FIM, cache), unigram baseline, packed loader."""
+token files (split, FIM, cache), unigram baseline, packed loader; SFT examples from Parquet against JSONL."""
 
 import gzip
 import importlib.util
@@ -21,6 +21,7 @@ from dsv3.data import (
 )
 from dsv3.data import arrow as arrow_mod
 from dsv3.data import corpus as corpus_mod
+from dsv3.rl.sft import read_examples, tokenize_example
 from dsv3.train import loop as train_loop
 from dsv3.tokenizer import BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIAL_TOKENS, Tokenizer
 
@@ -264,7 +265,7 @@ def test_without_pyarrow_only_columnar_data_needs_it(tmp_path, monkeypatch):
     for name in ("pyarrow", "pyarrow.parquet", "pyarrow.ipc"):
         monkeypatch.setitem(sys.modules, name, None)  # `import pyarrow` raises ImportError, as if not installed
     fresh = {}
-    for name in ("dsv3.data.arrow", "dsv3.data.corpus"):  # their module code runs without it
+    for name in ("dsv3.data.arrow", "dsv3.data.corpus", "dsv3.rl.sft"):  # their module code runs without it
         spec = importlib.util.find_spec(name)
         fresh[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(fresh[name])
@@ -273,6 +274,35 @@ def test_without_pyarrow_only_columnar_data_needs_it(tmp_path, monkeypatch):
     (tmp_path / "c.parquet").write_bytes(b"never opened")
     with pytest.raises(ImportError, match=r'needs pyarrow: pip install -e "\.\[data\]"'):
         fresh["dsv3.data.corpus"].read_documents([tmp_path / "c.parquet"])
+    with pytest.raises(ImportError, match=r"pip install"):
+        fresh["dsv3.rl.sft"].read_examples([str(tmp_path / "c.parquet")])
+
+
+def _chats():
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 1}'}}
+    return [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+                      {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]},
+        {"messages": [{"role": "user", "content": "1+1?"},
+                      {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "content": "2"}, {"role": "assistant", "content": "It is 2."}]},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."},
+                      {"role": "user", "content": "Again."}, {"role": "assistant", "content": "Hi again."}]},
+    ]
+
+
+def test_sft_from_parquet_equals_sft_from_jsonl(tok, tmp_path):
+    pairs = [{"prompt": f"Q{i}: what follows {i}?", "completion": f" {i + 1}", "source": "count"} for i in range(4)]
+    for name, rows in (("chats", _chats()), ("pairs", pairs)):
+        jsonl, parquet = _jsonl(tmp_path / f"{name}.jsonl", rows), _parquet(tmp_path / f"{name}.parquet", rows)
+        ours = [tokenize_example(e, tok) for e in read_examples([str(parquet)])]
+        reference = [tokenize_example(e, tok) for e in read_examples([str(jsonl)])]
+        assert ours == reference and len(ours) == len(rows) and all(any(train) for _, train in ours)
+    assert len(read_examples([str(tmp_path / "chats.parquet"), str(tmp_path / "pairs.jsonl")])) == 7
+    bad = _parquet(tmp_path / "bad.parquet", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ValueError, match=r"bad\.parquet: an SFT Parquet file needs a 'messages' column or 'prompt' "
+                                         r"and 'completion' columns; it has \['question', 'answer'\]"):
+        read_examples([str(bad)])
 
 
 # ---- BPE -------------------------------------------------------------------------------------------------------
