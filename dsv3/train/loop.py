@@ -111,8 +111,9 @@ class Trainer:
             raise ValueError(f"--data {self._token_dir} holds token files: pass the tokenizer they were built with "
                              "(--tokenizer RUN/tokenizer)")
         else:
+            documents = read_documents(self.cfg.data or None, self.cfg.text_column)  # bad paths and files fail here
             print(f"training a {self.cfg.vocab_size}-token byte-level BPE on the corpus ...")
-            tok = train_bpe(read_documents(self.cfg.data or None, self.cfg.text_column), self.cfg.vocab_size)
+            tok = train_bpe(documents, self.cfg.vocab_size)
         tok.save(out)
         return tok
 
