@@ -178,8 +178,9 @@ def test_datasets_folders_read_as_their_shards_in_order(docs, tmp_path):
 
 
 def test_a_folder_written_by_datasets_itself(tmp_path):
-    # The oracle for _save_to_disk's layout. datasets is no dependency of dsv3; trl (dev extra) requires it.
-    datasets = pytest.importorskip("datasets")
+    # The oracle for save_to_disk's layout. datasets is no dependency of dsv3; trl (dev extra) requires it, so it
+    # is always there for the tests.
+    import datasets
     texts = [f"document {i} " * (i + 1) for i in range(25)]
     d = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": list(range(25)), "body": texts}),
                               "test": datasets.Dataset.from_dict({"id": [0], "body": ["held out"]})})
