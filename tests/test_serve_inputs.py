@@ -96,6 +96,9 @@ def test_an_unknown_field_is_a_400_naming_it():
     err = validation_error(e.value.errors())
     assert (err.status, err.param, err.message) == (400, "max_token", "unrecognized request argument supplied: "
                                                                       "max_token")
+    # OpenAI's newer name of the system role is the system role.
+    assert ChatCompletionRequest(model="m", messages=[{"role": "developer", "content": "x"}]).messages[0].role == \
+        "system"
     # Messages stay lenient: clients send back the assistant messages they received, with more fields.
     ChatCompletionRequest(model="m", messages=[{"role": "assistant", "content": "a", "refusal": None,
                                                 "annotations": []}, {"role": "user", "content": "b"}])

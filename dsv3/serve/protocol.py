@@ -50,13 +50,18 @@ class ToolCall(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name of system
     content: str | list[dict] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     prefix: bool | None = None  # Chat Prefix Completion (last assistant message only)
     reasoning_content: str | None = None  # accepted, never fed back to the model
+
+    @field_validator("role")
+    @classmethod
+    def _system(cls, v):
+        return "system" if v == "developer" else v  # the chat template knows system messages only
 
     @field_validator("content")
     @classmethod
