@@ -1,19 +1,28 @@
-"""dsv3.data: corpus reading, BPE training, token files (split, FIM, cache), unigram baseline, packed loader."""
+"""dsv3.data: corpus reading (Parquet and datasets folders against the same documents as JSONL), BPE training,
+token files (split, FIM, cache), unigram baseline, packed loader; SFT examples from Parquet against JSONL."""
 
 import gzip
+import importlib.util
 import json
 import lzma
 import math
 import os
+import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from dsv3.cli import main
 from dsv3.data import (
     SHIPPED, PackedLoader, TokenFile, build_token_files, corpus_fingerprint, read_documents, train_bpe, unigram_loss,
 )
+from dsv3.data import arrow as arrow_mod
 from dsv3.data import corpus as corpus_mod
+from dsv3.rl.sft import read_examples, tokenize_example
+from dsv3.train import loop as train_loop
 from dsv3.tokenizer import BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIAL_TOKENS, Tokenizer
 
 
@@ -84,6 +93,217 @@ def test_fingerprint_tracks_files(tmp_path):
     assert fp == corpus_fingerprint([tmp_path]) != corpus_fingerprint(None)
     os.utime(f, ns=(0, 123))
     assert corpus_fingerprint([tmp_path]) != fp
+
+
+# ---- Parquet and datasets folders (the JSONL reader of the same documents is the reference) -------------------
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _parquet(path, rows, row_group_size=None):
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def _save_to_disk(folder, rows, shards, batch_rows=3):
+    """The layout datasets' Dataset.save_to_disk writes (datasets 5.2): shards named data-00000-of-0000N.arrow, each
+    an Arrow IPC stream of small record batches with the features in the schema's "huggingface" metadata;
+    state.json listing the shards in order under _data_files; dataset_info.json with the features."""
+    table = pa.Table.from_pylist(rows)
+    features = {f.name: {"dtype": "string" if f.type == pa.string() else str(f.type), "_type": "Value"}
+                for f in table.schema}
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    folder.mkdir(parents=True)
+    names, per = [f"data-{i:05d}-of-{shards:05d}.arrow" for i in range(shards)], math.ceil(len(rows) / shards)
+    for i, name in enumerate(names):
+        with pa.ipc.new_stream(str(folder / name), table.schema) as writer:
+            writer.write_table(table.slice(i * per, per), max_chunksize=batch_rows)
+    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0123456789abcdef",
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+             "_split": None}
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    (folder / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "", "features": features,
+                                                          "homepage": "", "license": ""}, indent=2))
+    return folder
+
+
+def _rows(texts, key="text"):
+    return [{"id": i, key: t} for i, t in enumerate(texts)]
+
+
+def test_parquet_gives_the_token_files_of_the_same_jsonl(tok, docs, tmp_path):
+    texts = [d[:2000] for d in docs[:30]]
+    jsonl = _jsonl(tmp_path / "c.jsonl", _rows(texts[:10] + ["   "] + texts[10:]))
+    # Several row groups, a whitespace row (skipped as in JSONL) and a null row (no document).
+    parquet = _parquet(tmp_path / "c.parquet", _rows(texts[:10] + ["   ", None] + texts[10:]), row_group_size=7)
+    assert pq.ParquetFile(parquet).num_row_groups == 5
+    assert list(read_documents([parquet])) == list(read_documents([jsonl])) == texts
+    built = {}
+    for f in (jsonl, parquet):
+        built[f.suffix] = build_token_files(read_documents([f]), tok, tmp_path / f.suffix[1:], corpus_fingerprint([f]),
+                                            val_fraction=0.1, fim_rate=0.5)
+    (j_train, j_val), (p_train, p_val) = built[".jsonl"], built[".parquet"]
+    assert np.array_equal(j_train.tokens, p_train.tokens) and np.array_equal(j_val.tokens, p_val.tokens)
+    assert j_train.n_docs == p_train.n_docs and j_val.n_docs == p_val.n_docs >= 1
+
+
+def test_datasets_folders_read_as_their_shards_in_order(docs, tmp_path):
+    texts = [d[:500] for d in docs[:20]]
+    dd = tmp_path / "dd"
+    _save_to_disk(dd / "train", _rows(texts[:14]), shards=3)
+    _save_to_disk(dd / "test", _rows(texts[14:]), shards=1)
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    (dd / "train" / "cache-0a1b.arrow").write_bytes(b"not listed in state.json, so never read")
+    assert list(read_documents([dd])) == list(read_documents([dd / "train"])) == texts[:14]  # the train split
+    assert list(read_documents([dd / "test"])) == texts[14:]
+    # Inside a plain folder, a datasets folder is its shards, in the sorted walk's place.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _parquet(corpus / "a.parquet", _rows(["first"]))
+    _save_to_disk(corpus / "b", _rows(["second", "third"]), shards=2)
+    _jsonl(corpus / "c.jsonl", _rows(["fourth"]))
+    assert list(read_documents([corpus])) == ["first", "second", "third", "fourth"]
+    fp = corpus_fingerprint([corpus])
+    os.utime(corpus / "b" / "data-00001-of-00002.arrow", ns=(0, 123))
+    assert corpus_fingerprint([corpus]) != fp  # a shard is part of the fingerprint
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["validation", "test"]}))
+    with pytest.raises(ValueError, match=r"splits \['validation', 'test'\] and no 'train'"):
+        read_documents([dd])
+    (corpus / "b" / "data-00000-of-00002.arrow").unlink()
+    with pytest.raises(FileNotFoundError, match=r"data-00000-of-00002\.arrow"):
+        read_documents([corpus])
+
+
+def test_a_folder_written_by_datasets_itself(tmp_path):
+    # The oracle for save_to_disk's layout. datasets is no dependency of dsv3; trl (dev extra) requires it, so it
+    # is always there for the tests.
+    import datasets
+    texts = [f"document {i} " * (i + 1) for i in range(25)]
+    d = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": list(range(25)), "body": texts}),
+                              "test": datasets.Dataset.from_dict({"id": [0], "body": ["held out"]})})
+    d.save_to_disk(str(tmp_path / "dd"), num_shards={"train": 3, "test": 1})
+    assert len(list((tmp_path / "dd" / "train").glob("*.arrow"))) == 3
+    assert list(read_documents([tmp_path / "dd"], "body")) == texts
+
+
+def test_parquet_is_streamed_in_record_batches(tmp_path, monkeypatch):
+    texts = [f"doc {i}" for i in range(20)]
+    f = _parquet(tmp_path / "c.parquet", _rows(texts), row_group_size=4)
+    pulled, real = [], pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            pulled.append((batch.num_rows, batch.schema.names))
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    monkeypatch.setattr(arrow_mod, "READ_BATCH", 3)
+    stream = read_documents([f])
+    assert next(stream) == "doc 0" and len(pulled) == 1  # one batch read so far, not the file
+    assert [next(stream) for _ in range(5)] == texts[1:6] and len(pulled) == 2
+    assert list(stream) == texts[6:]
+    assert all(n <= 3 and names == ["text"] for n, names in pulled)  # only the text column, 3 rows at a time
+
+
+def test_text_column_on_jsonl_parquet_and_datasets_folders(tmp_path):
+    texts = ["alpha beta", "gamma delta", "epsilon"]
+    jsonl = _jsonl(tmp_path / "c.jsonl", _rows(texts, "body"))
+    parquet = _parquet(tmp_path / "c.parquet", _rows(texts, "body"))
+    folder = _save_to_disk(tmp_path / "ds", _rows(texts, "body"), shards=2)
+    for f in (jsonl, parquet, folder):
+        assert list(read_documents([f], "body")) == texts
+        assert corpus_fingerprint([f]) == corpus_fingerprint([f], "text") != corpus_fingerprint([f], "body")
+    assert list(read_documents(None, "body"))[0] == next(read_documents(None))  # the shipped corpus keeps "text"
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: expected an object with a string \"text\" field "
+                                         r"\(it has \['body', 'id'\]\)"):
+        list(read_documents([jsonl]))
+    for given, named in ((parquet, parquet.name), (folder, "data-00000-of-00002.arrow")):
+        with pytest.raises(ValueError, match=rf"{named}: no column 'text' \(it has \['id', 'body'\]\)"):
+            read_documents([given])  # raised at the call, before any document is read
+    with pytest.raises(ValueError, match=r"c\.parquet: column 'id' holds int64, not text"):
+        read_documents([parquet], "id")
+
+
+def test_bad_columnar_files_fail_before_a_tokenizer_is_trained(tmp_path, monkeypatch):
+    bpe_runs = []
+
+    def bpe(documents, vocab_size):  # stands in for BPE training: records the corpus it was given, then stops
+        bpe_runs.append(list(documents))
+        raise ValueError("BPE training reached")
+
+    monkeypatch.setattr(train_loop, "train_bpe", bpe)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _jsonl(corpus / "a.jsonl", _rows(["the king speaks to the queen. " * 20] * 20))  # fine, and read first
+    _parquet(corpus / "b.parquet", _rows(["no text column here"], "body"))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(corpus), "--out", str(run), "--vocab-size", "512", "--seq-len", "32",
+            "--batch-size", "2", "--steps", "1", "--num-layers", "1", "--device", "cpu", "--threads", "2"]
+    with pytest.raises(SystemExit, match=r"b\.parquet: no column 'text' \(it has \['id', 'body'\]\)"):
+        main(args)
+    assert not (run / "tokenizer").exists() and not bpe_runs
+    (corpus / "b.parquet").write_bytes(b"PAR1 but not really a Parquet file")
+    with pytest.raises(SystemExit, match=r"b\.parquet: cannot read as Parquet"):
+        main(args)
+    assert not (run / "tokenizer").exists() and not bpe_runs
+    good = _parquet(tmp_path / "good.parquet", _rows(["one document", "another"], "body"))
+    args[2], args[4] = str(good), str(tmp_path / "run2")
+    with pytest.raises(SystemExit, match="BPE training reached"):  # --text-column reaches the corpus reader
+        main([*args, "--text-column", "body"])
+    assert bpe_runs == [["one document", "another"]]
+    # A shard cut short reads its schema, so it fails while reading, still naming the file.
+    shard = _save_to_disk(tmp_path / "ds", _rows([f"doc {i}" for i in range(30)]), shards=1) / \
+        "data-00000-of-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"data-00000-of-00001\.arrow: cannot read as an Arrow IPC stream"):
+        list(read_documents([tmp_path / "ds"]))
+
+
+def test_without_pyarrow_only_columnar_data_needs_it(tmp_path, monkeypatch):
+    for name in ("pyarrow", "pyarrow.parquet", "pyarrow.ipc"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import pyarrow` raises ImportError, as if not installed
+    fresh = {}
+    for name in ("dsv3.data.arrow", "dsv3.data.corpus", "dsv3.rl.sft"):  # their module code runs without it
+        spec = importlib.util.find_spec(name)
+        fresh[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh[name])
+    jsonl = _jsonl(tmp_path / "c.jsonl", _rows(["one", "two"]))
+    assert list(fresh["dsv3.data.corpus"].read_documents([jsonl])) == ["one", "two"]
+    (tmp_path / "c.parquet").write_bytes(b"never opened")
+    with pytest.raises(ImportError, match=r'needs pyarrow: pip install -e "\.\[data\]"'):
+        fresh["dsv3.data.corpus"].read_documents([tmp_path / "c.parquet"])
+    with pytest.raises(ImportError, match=r"pip install"):
+        fresh["dsv3.rl.sft"].read_examples([str(tmp_path / "c.parquet")])
+
+
+def _chats():
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 1}'}}
+    return [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+                      {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]},
+        {"messages": [{"role": "user", "content": "1+1?"},
+                      {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "content": "2"}, {"role": "assistant", "content": "It is 2."}]},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."},
+                      {"role": "user", "content": "Again."}, {"role": "assistant", "content": "Hi again."}]},
+    ]
+
+
+def test_sft_from_parquet_equals_sft_from_jsonl(tok, tmp_path):
+    pairs = [{"prompt": f"Q{i}: what follows {i}?", "completion": f" {i + 1}", "source": "count"} for i in range(4)]
+    for name, rows in (("chats", _chats()), ("pairs", pairs)):
+        jsonl, parquet = _jsonl(tmp_path / f"{name}.jsonl", rows), _parquet(tmp_path / f"{name}.parquet", rows)
+        ours = [tokenize_example(e, tok) for e in read_examples([str(parquet)])]
+        reference = [tokenize_example(e, tok) for e in read_examples([str(jsonl)])]
+        assert ours == reference and len(ours) == len(rows) and all(any(train) for _, train in ours)
+    assert len(read_examples([str(tmp_path / "chats.parquet"), str(tmp_path / "pairs.jsonl")])) == 7
+    bad = _parquet(tmp_path / "bad.parquet", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ValueError, match=r"bad\.parquet: an SFT Parquet file needs a 'messages' column or 'prompt' "
+                                         r"and 'completion' columns; it has \['question', 'answer'\]"):
+        read_examples([str(bad)])
 
 
 # ---- BPE -------------------------------------------------------------------------------------------------------

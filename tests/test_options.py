@@ -125,6 +125,7 @@ LEGACY_RUN_JSON = {
     "activation_checkpointing": False, "threads": None, "profile_steps": 0, "dp_shard": -1, "ep": 1, "pp": 1,
     "pp_schedule": "1f1b", "pp_microbatches": 0,
 }
+ADDED_SINCE = {"text_column": "text"}  # TrainConfig fields added after that format, with their defaults
 
 
 def test_a_legacy_flat_run_json_loads_into_the_pieces(tmp_path):
@@ -134,7 +135,7 @@ def test_a_legacy_flat_run_json_loads_into_the_pieces(tmp_path):
     cfg = TrainConfig(**read_config(TrainConfig, path))
     assert (cfg.optim.lr, cfg.optim.beta2, cfg.optim.moments_dtype) == (0.02, 0.9, "bf16")
     assert (cfg.runtime.seed, cfg.runtime.keep, cfg.parallel.pp) == (5, 3, 2)
-    assert _defaults(cfg) == legacy  # nothing lost or renamed
+    assert _defaults(cfg) == legacy | ADDED_SINCE  # nothing lost or renamed; new fields take their defaults
     path.write_text(json.dumps({**legacy, "speling": 1}))
     with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['speling'\]"):
         read_config(TrainConfig, path)
@@ -152,7 +153,7 @@ def test_resume_of_a_run_whose_run_json_is_flat(tmp_path):
     written = json.loads((run / "run.json").read_text())
     flat = {k: v for key, value in written.items() for k, v in (value.items() if isinstance(value, dict)
                                                                  else [(key, value)])}
-    assert set(flat) == set(LEGACY_RUN_JSON)  # the flat key set of the old format
+    assert set(flat) == set(LEGACY_RUN_JSON) | set(ADDED_SINCE)  # the flat key set of the old format, and new ones
     (run / "run.json").write_text(json.dumps({**flat, "steps": 4}))  # as an older dsv3 wrote it
     main(["train", "--resume", "--out", str(run)])
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -4,8 +4,8 @@ import re
 
 import pytest
 import torch
-from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from dsv3.infer import sampler
 from dsv3.infer.sampler import SamplingParams, apply_penalties, draw_rows, process_logits, sample
@@ -33,6 +33,7 @@ def _empty(R):
     (dict(logprobs=21), "logprobs=21"),
     (dict(stop=[""]), "stop=['']"),
     (dict(stop_token_ids=[3, -1]), "stop_token_ids=[3, -1]"),
+    (dict(logit_bias={3: 101.0}), "logit_bias={3: 101.0}"),
     (dict(temperature=float("nan")), "temperature=nan"),
 ])
 def test_sampling_params_validation_names_field_and_value(kw, msg):
@@ -60,6 +61,22 @@ def test_repetition_penalty_matches_transformers():
         want = RepetitionPenaltyLogitsProcessor(pen)(ids, logits_RV[r:r + 1].clone())[0]
         torch.testing.assert_close(got_RV[r], want, rtol=0, atol=0)
     assert torch.equal(got_RV[2], logits_RV[2])  # penalty 1: untouched
+
+
+def test_logit_bias_matches_transformers_sequence_bias_and_moves_the_greedy_choice():
+    g = torch.Generator().manual_seed(1)
+    logits_RV = torch.randn(2, 30, generator=g)
+    bias = {4: 5.0, 7: -100.0, 29: 0.5}
+    params = [SamplingParams(logit_bias=bias, repetition_penalty=1.2), SamplingParams()]
+    got_RV = apply_penalties(logits_RV, params, [[1, 2], [3]], [[5], []])
+    # transformers: repetition penalty, then each single-token "sequence" bias added to its logit
+    ids = torch.tensor([[1, 2, 5]])
+    want = RepetitionPenaltyLogitsProcessor(1.2)(ids, logits_RV[:1].clone())
+    want = SequenceBiasLogitsProcessor(sequence_bias=[[[t], b] for t, b in bias.items()])(ids, want)[0]
+    torch.testing.assert_close(got_RV[0], want)
+    assert torch.equal(got_RV[1], logits_RV[1])  # a row without bias is untouched
+    greedy = SamplingParams(temperature=0, logit_bias={int(logits_RV[0].argmin()): 100.0})
+    assert sample(logits_RV[:1], [greedy], [[]], [[]], [None], None).token_ids == [int(logits_RV[0].argmin())]
 
 
 def test_frequency_presence_penalty_hand_computed():

@@ -289,6 +289,100 @@ def test_forced_tool_calls_are_valid_stream_alike_and_round_trip(server, choice)
     assert follow.usage.prompt_tokens > out.usage.prompt_tokens and follow.choices[0].finish_reason
 
 
+@pytest.mark.parametrize("temperature", [0, 0.7])
+def test_a_forced_call_is_a_call_on_a_reasoning_server_whose_prompt_opened_no_think(model, tok, temperature):
+    # The server reasons (as it decides for a template that mentions </think>), but this prompt does not open
+    # <think>: the grammar must not admit free reasoning text first, or the call never comes (finish "length").
+    s = Server(engine(model, tok), reasoning=True)
+    try:
+        c = s.client()
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=[WEATHER, CLOCK],
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=temperature,
+                  seed=5, max_tokens=500)  # the byte-level BPE may spell the name and markers byte by byte
+        out = c.chat.completions.create(**kw)
+        m = out.choices[0].message
+        assert out.choices[0].finish_reason == "tool_calls" and len(m.tool_calls) == 1
+        assert _valid_weather(m.tool_calls[0])
+        assert not m.content and not getattr(m, "reasoning_content", None)
+        chunks = list(c.chat.completions.create(**kw, stream=True))
+        args = "".join(d.function.arguments or "" for ch in chunks if ch.choices
+                       for d in ch.choices[0].delta.tool_calls or [])
+        assert args == m.tool_calls[0].function.arguments
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+    finally:
+        s.stop()
+
+
+def test_parallel_tool_calls_false_allows_one_call(server):
+    out = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather and time?"}], tools=[WEATHER, CLOCK],
+        tool_choice="required", parallel_tool_calls=False, temperature=1.0, n=6, seed=2, max_tokens=300)
+    for ch in out.choices:
+        assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+
+
+PLACE = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "rain": {"type": "boolean"},
+                                          "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+         "required": ["city", "rain", "days"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_json_schema_output_validates_streamed_and_not(server, strict):
+    import jsonschema
+    c = server.client()
+    kw = dict(model="tiny", messages=CHAT, temperature=1.0, n=4, seed=7, max_tokens=200,
+              response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": PLACE,
+                                                                      "strict": strict}})
+    out = c.chat.completions.create(**kw)
+    for ch in out.choices:
+        assert ch.finish_reason == "stop"
+        jsonschema.validate(json.loads(ch.message.content), PLACE)
+    streamed = [""] * 4
+    for chunk in c.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert streamed == [ch.message.content for ch in out.choices]
+
+
+def test_structured_outputs_parse_with_the_openai_client_and_bad_schemas_are_400(server):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Place(BaseModel):
+        city: Literal["Paris", "Rome"]
+        days: int = Field(ge=1, le=7)
+
+    c = server.client()
+    parsed = c.chat.completions.parse(model="tiny", messages=CHAT, response_format=Place, temperature=0,
+                                      max_completion_tokens=200).choices[0].message.parsed
+    assert isinstance(parsed, Place)
+    loose = {"name": "p", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=CHAT, response_format={"type": "json_schema",
+                                                                                "json_schema": loose})
+    assert e.value.body["param"] == "response_format.json_schema.schema"
+    assert "additionalProperties" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # the compiler cannot take it: a 400 that says so
+        c.chat.completions.create(model="tiny", messages=CHAT, response_format={"type": "json_schema", "json_schema": {
+            "name": "p", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}})
+    assert e.value.body["param"] == "response_format.json_schema.schema"
+
+
+def test_max_completion_tokens_bounds_a_request(server):
+    c = server.client()
+    for kw, n in [(dict(max_completion_tokens=5), 5), (dict(max_completion_tokens=5, max_tokens=3), 3)]:
+        out = c.chat.completions.create(model="tiny", messages=CHAT, temperature=0, extra_body={"ignore_eos": True},
+                                        **kw)
+        assert out.usage.completion_tokens == n and out.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=CHAT, reasoning_effort="low")
+    assert e.value.body["param"] == "reasoning_effort"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=CHAT, extra_body={"max_tokns": 5})
+    assert e.value.body["param"] == "max_tokns"
+
+
 def test_tool_call_and_reasoning_parse_is_the_same_for_every_split():
     from dsv3.serve.parsing import OutputParser
     from dsv3.tokenizer import THINK_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP

@@ -4,8 +4,9 @@ For each batch size: B requests of `--prompt-len` random tokens, `--new-tokens` 
 ignored). dsv3: the Engine (paged latent cache, absorbed decode through the Triton kernel on CUDA); decode tokens/s
 counts only steps in which every sequence decodes (prefill excluded). transformers: `generate` with its default
 dynamic cache (its static cache + compile path crashes on this model), whole call timed. Also: the Triton decode
-kernel against its torch reference in bf16, and the floor of a batch-1 step (bytes of activated weights + cache
-read, over the measured device copy bandwidth).
+kernel against its torch reference in bf16, and the floor of a batch-1 step: the bytes it reads (weights as stored,
+top-k of the routed experts, mean cache) over the measured device copy rate, in bf16 and, with `--fp8-weights`, in
+FP8 (the FP8 model is built again with the same weights after the bf16 one is freed).
 
   python -m benchmarks.infer.decode --preset bench-684m --batches 1,32,128        # an H100
   python -m benchmarks.infer.decode --preset tiny --batches 1,8 --new-tokens 32 --prompt-len 32   # CPU smoke run
@@ -15,6 +16,7 @@ Results: docs/inference.md#decode-speed; saved as benchmarks/results/infer/decod
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -24,7 +26,6 @@ from benchmarks.results import save
 from dsv3 import Engine, EngineConfig, SamplingParams, preset
 from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import read_documents
-from dsv3.info import model_stats
 from dsv3.fp8 import fp8_weights
 from dsv3.infer.kv_cache import bytes_per_token
 from dsv3.io.hf import build_model
@@ -70,15 +71,35 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() * 10 / (time.perf_counter() - t)  # bytes read + written per second
 
 
-def batch1_floor(cfg, args, dtype, device) -> dict:
-    """The fastest a batch-1 step could be: the bytes it must read (activated weights + the mean cache) over the
-    device's copy bandwidth."""
-    stats = model_stats(cfg.replace(num_nextn_predict_layers=0), args.prompt_len + args.new_tokens)
-    weight_bytes = stats["active_params_without_embedding"] * 2  # a step reads one row of the embedding
-    cache_bytes = bytes_per_token(cfg, dtype) * (args.prompt_len + args.new_tokens // 2)
-    bw = copy_bandwidth(device)
-    return {"batch1_floor_ms": 1e3 * (weight_bytes + cache_bytes) / (bw / 2),  # bw counts read + write
-            "copy_bandwidth_GBps": bw / 1e9}
+def step_read_bytes(model, cfg, cache_dtype, args) -> int:
+    """The bytes a batch-1 decode step must read: every weight and scale as stored (bf16 or e4m3 + fp32 scales),
+    of the routed experts only the top-k, of the embedding one row (none of MTP), plus the mean cache."""
+    n = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith("mtp."):
+            continue
+        size = t.numel() * t.element_size()
+        if name.startswith("embed_tokens."):
+            size //= t.shape[0]
+        elif ".experts." in name:
+            size = size * cfg.num_experts_per_tok // cfg.n_routed_experts
+        n += size
+    return n + bytes_per_token(cfg, cache_dtype) * (args.prompt_len + args.new_tokens // 2)
+
+
+def batch1_floor(model, cfg, args, dtype, bw) -> float:
+    """The fastest a batch-1 step could be, in ms: its read bytes over the copy rate. A copy's rate counts the
+    bytes read and written, and a step only reads, so the bytes are divided by the copy rate itself."""
+    return 1e3 * step_read_bytes(model, cfg, dtype, args) / bw
+
+
+def build(cfg, args, device, dtype):
+    """The random-weight model, the same every call (seed 0). Built on the device in its dtype: deepseek-v2-lite's
+    15.7B parameters would not fit in fp32 beside bf16."""
+    torch.manual_seed(0)
+    model = build_model(cfg if args.spec else cfg.replace(num_nextn_predict_layers=0), device, dtype)
+    model.init_weights()
+    return model.eval()
 
 
 def run_ours(model, tok, prompts, new_tokens, spec):
@@ -146,15 +167,12 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tok = train_bpe(read_documents(None), 1024)  # detokenization only: prompts are random ids
     cfg = preset(args.preset)
-    torch.manual_seed(0)
-    # Built on the device in its dtype: deepseek-v2-lite's 15.7B parameters would not fit in fp32 beside bf16.
-    model = build_model(cfg if args.spec else cfg.replace(num_nextn_predict_layers=0), device, dtype)
-    model.init_weights()
-    model.eval()
+    model = build(cfg, args, device, dtype)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
     results = {"kernel_rel_err_bf16": kernel_check(device) if device == "cuda" else None}
-    if device == "cuda":
-        results |= batch1_floor(cfg, args, dtype, device)
+    bw = copy_bandwidth(device) if device == "cuda" else None
+    if bw:
+        results |= {"copy_bandwidth_GBps": bw / 1e9, "batch1_floor_ms": batch1_floor(model, cfg, args, dtype, bw)}
     g = torch.Generator().manual_seed(1)
     batches = {int(b): torch.randint(2, tok.vocab_size, (int(b), args.prompt_len), generator=g).tolist()
                for b in args.batches.split(",")}
@@ -171,19 +189,32 @@ def main():
         print(f"batch {B}: {json.dumps(r)}", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-    if args.fp8_weights:  # the same model, converted in place: e4m3 decoder weights, half the bytes a step reads
+    if args.fp8_weights:
+        # The same weights built again and converted before any engine (e4m3 decoder weights: half the bytes a step
+        # reads), once the bf16 model, its engines and the peer's state are gone: both would not fit 80 GB at
+        # deepseek-v2-lite.
+        del model, state
+        gc.collect()
+        torch.cuda.empty_cache() if device == "cuda" else None
+        model = build(cfg, args, device, dtype)
         results["fp8_weights"] = fp8_weights(model)
+        if bw:
+            results["batch1_floor_fp8_ms"] = batch1_floor(model, cfg, args, dtype, bw)
         for B, prompts in batches.items():
             r = run_ours(model, tok, prompts, args.new_tokens, args.spec)
             r.pop("first_tokens")
             r["over_bf16"] = r["decode_tokens_per_s"] / results[f"batch_{B}"]["dsv3"]["decode_tokens_per_s"]
             results[f"batch_{B}"]["dsv3_fp8_weights"] = r
             print(f"batch {B}, FP8 weights: {json.dumps(r)}", flush=True)
-    if device == "cuda":
-        ms = 1e3 / results["batch_1"]["dsv3"]["decode_tokens_per_s"] if "batch_1" in results else None
-        if ms:
-            results["batch1_step_ms"] = ms
-            results["batch1_bandwidth_utilisation"] = results["batch1_floor_ms"] / ms
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if bw and "batch_1" in results:
+        ms = 1e3 / results["batch_1"]["dsv3"]["decode_tokens_per_s"]
+        results |= {"batch1_step_ms": ms, "batch1_bandwidth_utilisation": results["batch1_floor_ms"] / ms}
+        if "dsv3_fp8_weights" in results["batch_1"]:
+            ms = 1e3 / results["batch_1"]["dsv3_fp8_weights"]["decode_tokens_per_s"]
+            results |= {"batch1_fp8_step_ms": ms,
+                        "batch1_fp8_bandwidth_utilisation": results["batch1_floor_fp8_ms"] / ms}
     print(json.dumps(results, indent=2))
     save(__file__, args, results, tag=args.preset)
 

@@ -1,9 +1,10 @@
 """Sampling: per-request SamplingParams, logit processing, and one RNG stream per row.
 
-Pipeline (one row per sequence, all rows batched): raw logits → repetition / frequency / presence penalties →
-min_tokens masking → (non-greedy rows) temperature → top-k → top-p → min-p → draw. `process_logits` returns the
-processed fp32 logits, and `sample` draws from exactly softmax(process_logits(...)), so the speculative-decoding
-rejection sampler can call `process_logits` for the target and draft distributions and stay consistent.
+Pipeline (one row per sequence, all rows batched): raw logits → repetition / frequency / presence penalties and
+logit_bias → min_tokens masking → (non-greedy rows) temperature → top-k → top-p → min-p → draw. `process_logits`
+returns the processed fp32 logits, and `sample` draws from exactly softmax(process_logits(...)), so the
+speculative-decoding rejection sampler can call `process_logits` for the target and draft distributions and stay
+consistent.
 
 Each non-greedy row draws from its own `torch.Generator` with exactly one RNG call: one uniform u per row, and
 the token is where u·total falls in the row's cumulative weights (inverse CDF, two-level: 64-token blocks, then
@@ -35,6 +36,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers / vLLM: divides positive logits, multiplies negative ones
     frequency_penalty: float = 0.0  # OpenAI: per occurrence in the output
     presence_penalty: float = 0.0  # OpenAI: once if present in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI: token id -> added to its logit, in [-100, 100]
     max_tokens: int | None = 16  # None => until the context is full
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
     stop: list[str] = field(default_factory=list)
@@ -61,6 +63,8 @@ class SamplingParams:
             ("presence_penalty", self.presence_penalty, -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("max_tokens", self.max_tokens, self.max_tokens is None or self.max_tokens >= 1, "None or >= 1"),
             ("min_tokens", self.min_tokens, self.min_tokens >= 0, ">= 0"),
+            ("logit_bias", self.logit_bias, all(-100 <= b <= 100 for b in self.logit_bias.values()),
+             "token id -> bias in [-100, 100]"),
             ("logprobs", self.logprobs, self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"None or in [0, {MAX_LOGPROBS}]"),
         ]
@@ -80,7 +84,9 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+        """The raw logits are changed before any filter: penalties, or a logit_bias."""
+        return (self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+                or bool(self.logit_bias))
 
 
 @dataclass(slots=True)
@@ -110,7 +116,8 @@ def _token_counts(ids: list[list[int]], V: int, device) -> Tensor:
 
 def apply_penalties(logits_RV: Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                     output_ids: list[list[int]]) -> Tensor:
-    """fp32 logits with the penalties applied (a new tensor; the input itself, as fp32, when no row has any)."""
+    """fp32 logits with the penalties and logit biases applied (a new tensor; the input itself, as fp32, when no row
+    has any)."""
     rows = [i for i, p in enumerate(params) if p.has_penalties]  # rows without penalties cost nothing
     if not rows:
         return logits_RV.float()
@@ -124,6 +131,11 @@ def apply_penalties(logits_RV: Tensor, params: list[SamplingParams], prompt_ids:
     x_PV = torch.where(seen_PV, torch.where(x_PV > 0, x_PV / rep_P1, x_PV * rep_P1), x_PV)
     x_PV = x_PV - _row_param(params, rows, "frequency_penalty", dev) * out_counts_PV
     x_PV = x_PV - _row_param(params, rows, "presence_penalty", dev) * (out_counts_PV > 0).float()
+    bias = [(r, t, b) for r, i in enumerate(rows) for t, b in params[i].logit_bias.items()]
+    if bias:  # OpenAI adds the bias to the logit the penalties left, before temperature and the filters
+        r, t, b = zip(*bias)
+        x_PV = x_PV.index_put((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
+                              torch.tensor(b, dtype=torch.float32, device=dev), accumulate=True)
     logits_RV[rows] = x_PV
     return logits_RV
 

@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from dsv3.tokenizer import Tokenizer
+from dsv3.tokenizer import THINK, THINK_END, Tokenizer
 
 MAX_WHITESPACE = 2  # JSON whitespace runs are at most this long: no endless-whitespace outputs
 
@@ -61,25 +61,39 @@ class Structured:
         info = xgr.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok),
                                                   vocab_size=vocab_size, stop_token_ids=[tokenizer.eos_id])
         self.compiler = xgr.GrammarCompiler(info)
-        self._json_object = None
+        self._json_object: dict[bool, Grammar] = {}
 
-    def json_object(self) -> Grammar:
-        """Any JSON object (`response_format: json_object`); compiled once."""
-        if self._json_object is None:
-            self._json_object = self.json_schema({"type": "object"}, strict=False)
-        return self._json_object
+    def json_object(self, reasoning: bool = False) -> Grammar:
+        """Any JSON object (`response_format: json_object`); compiled once per `reasoning`."""
+        if reasoning not in self._json_object:
+            self._json_object[reasoning] = self.json_schema({"type": "object"}, strict=False, reasoning=reasoning)
+        return self._json_object[reasoning]
 
-    def json_schema(self, schema: dict, strict: bool = True) -> Grammar:
-        """JSON matching `schema`; strict: no properties beyond those the schema names."""
-        return Grammar(self.compiler.compile_json_schema(json.dumps(schema), strict_mode=strict, any_whitespace=True,
-                                                         max_whitespace_cnt=MAX_WHITESPACE))
+    def json_schema(self, schema: dict, strict: bool = True, reasoning: bool = False) -> Grammar:
+        """JSON matching `schema`; strict: no properties beyond those the schema names (where it says nothing of
+        additionalProperties). reasoning: the prompt opened <think>, so the output first reasons, freely, up to
+        </think>, and the JSON follows."""
+        import xgrammar as xgr
+        g = xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=strict, any_whitespace=True,
+                                         max_whitespace_cnt=MAX_WHITESPACE)
+        return Grammar(self.compiler.compile_grammar(xgr.Grammar.concat(self._reasoning(), g) if reasoning else g))
 
-    def tool_calls(self, tools: list[dict], tool_choice, reasoning: bool) -> Grammar:
+    def tool_calls(self, tools: list[dict], tool_choice, reasoning: bool, parallel: bool = True) -> Grammar:
         """DeepSeek's tool-call block with arguments matching each function's parameters. tool_choice "auto":
         free text, and any call the model starts is well-formed; "required": at least one call; a named
-        choice ({"type": "function", "function": {"name": ...}}): that call."""
+        choice ({"type": "function", "function": {"name": ...}}): that call. reasoning: as in `json_schema`;
+        without it a demanded call is the output's first token. parallel=False: at most one call."""
         import xgrammar as xgr
         tag = xgr.get_builtin_structural_tag("deepseek_r1", tools=tools, tool_choice=tool_choice,
                                              reasoning="enabled" if reasoning else "disabled",
-                                             max_whitespace_cnt=MAX_WHITESPACE)
+                                             max_whitespace_cnt=MAX_WHITESPACE, parallel_tool_calls=parallel)
         return Grammar(self.compiler.compile_structural_tag(tag))
+
+    def _reasoning(self):
+        """Free text up to and including </think> (never another <think>): what a prompt that opened <think> lets
+        the model write before a constrained answer. The same part xgrammar's "deepseek_r1" tag puts first."""
+        import xgrammar as xgr
+        from xgrammar.structural_tag import AnyTextFormat, StructuralTag, TagFormat
+        tag = StructuralTag(format=TagFormat(begin="", content=AnyTextFormat(excludes=[THINK, THINK_END]),
+                                             end=THINK_END))
+        return xgr.Grammar.from_structural_tag(tag)

@@ -3,7 +3,9 @@
 
 Data: JSONL, one example per line, either `{"messages": [...]}` (OpenAI / DeepSeek message dicts, tool calls
 and `<think>` reasoning included) or `{"prompt": ..., "completion": "..."}` (the prompt a string, or messages
-rendered with the generation prompt).
+rendered with the generation prompt); or Parquet with a `messages` column (lists of {role, content, ...}
+structs) or `prompt` and `completion` columns, each row one example. A struct field a message lacks reads as
+None, which the chat template treats as absent (Tokenizer.apply_chat_template drops None-valued keys).
 
 Design notes
 - Rendering: each assistant turn's tokens are exactly what the chat template writes for it, found by rendering
@@ -31,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from dsv3 import options
+from dsv3.data import arrow
 from dsv3.data.loader import Batch
 from dsv3.kernels.cross_entropy import cross_entropy
 from dsv3.model import Transformer
@@ -55,7 +58,8 @@ class SFTConfig:
     init_from: str = option("", required=True, help="checkpoint directory to fine-tune (Hugging Face layout + "
                                                     "tokenizer)")
     data: list[str] = option(default_factory=list, nargs="+", required=True,
-                             help="JSONL files of {'messages': [...]} or {'prompt', 'completion'}")
+                             help="JSONL files of {'messages': [...]} or {'prompt', 'completion'}, or Parquet "
+                                  "files with those columns")
     epochs: float = option(2.0, help="passes over the data (R1: 2)")
     steps: int = option(0, unset="from --epochs", help="optimizer steps")
     batch_size: int = option(16, help="packed rows of seq-len per optimizer step")
@@ -81,6 +85,9 @@ def read_examples(paths: list[str]) -> list[dict]:
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: SFT data file not found")
+        if path.suffix == ".parquet":
+            examples += _parquet_examples(path)
+            continue
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
@@ -90,6 +97,17 @@ def read_examples(paths: list[str]) -> list[dict]:
     if not examples:
         raise ValueError(f"no SFT examples in {', '.join(paths) or '(no files given)'}")
     return examples
+
+
+def _parquet_examples(path: Path) -> list[dict]:
+    # Read whole, as JSONL is: SFT sets are small next to pretraining corpora. Only the example's columns are
+    # read (an id or source column is not needed); tokenize_example validates each row as it does a JSONL line.
+    names = arrow.columns(path)
+    wanted = ["messages"] if "messages" in names else ["prompt", "completion"]
+    if not set(wanted) <= set(names):
+        raise ValueError(f"{path}: an SFT Parquet file needs a 'messages' column or 'prompt' and 'completion' "
+                         f"columns; it has {names}")
+    return arrow.read_rows(path, wanted)
 
 
 def _reasoning(message: dict) -> str:

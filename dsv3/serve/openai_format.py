@@ -34,6 +34,8 @@ def validation_error(errors: list[dict]) -> APIError:
     loc = [str(x) for x in err["loc"] if x != "body"]
     param = ".".join(loc) or None
     status = 422 if err["type"] in _VALUE_ERRORS and param else 400  # a whole-request rule: the shape
+    if err["type"] == "extra_forbidden":  # as OpenAI words it; the field may be misspelt or not implemented
+        return APIError(400, f"unrecognized request argument supplied: {param}", param=param)
     msg = f"{param}: {err['msg']}" if param else err["msg"]
     return APIError(status, msg, param=param)
 

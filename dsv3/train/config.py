@@ -87,8 +87,11 @@ class TrainConfig:
     init_from: str | None = option(None, unset="a new model", help="start from the weights of this checkpoint "
                                                                   "directory (Hugging Face layout)")
     data: list[str] = option(default_factory=list, nargs="+", unset="the shipped corpus",
-                             help=".txt / .jsonl (optionally .xz/.gz) files or directories; or one run's data/ "
-                                  "directory of token files, with that run's --tokenizer")
+                             help=".txt / .jsonl (optionally .xz/.gz) / .parquet files, directories of them, or "
+                                  "Hugging Face datasets folders (save_to_disk); or one run's data/ directory of "
+                                  "token files, with that run's --tokenizer")
+    text_column: str = option("text", help="the field of .jsonl records and the column of Parquet / datasets files "
+                                           "that holds each document's text")
     tokenizer: str | None = option(None, unset="a byte-level BPE trained on the data",
                                    help="directory with tokenizer.json to use instead of training a BPE")
     vocab_size: int = option(4096, help="BPE vocabulary size when training a tokenizer (tokens)")

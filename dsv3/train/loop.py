@@ -96,8 +96,10 @@ class Trainer:
         cfg = self.cfg
         if self._token_dir:
             return open_token_files(self._token_dir, self.tokenizer)
-        return build_token_files(read_documents(cfg.data or None), self.tokenizer, self.run_dir / "data",
-                                 corpus_fingerprint(cfg.data or None), cfg.val_fraction, cfg.fim_rate, cfg.runtime.seed)
+        data = cfg.data or None
+        return build_token_files(read_documents(data, cfg.text_column), self.tokenizer, self.run_dir / "data",
+                                 corpus_fingerprint(data, cfg.text_column), cfg.val_fraction, cfg.fim_rate,
+                                 cfg.runtime.seed)
 
     def _tokenizer(self) -> Tokenizer:
         out = self.run_dir / "tokenizer"
@@ -109,8 +111,9 @@ class Trainer:
             raise ValueError(f"--data {self._token_dir} holds token files: pass the tokenizer they were built with "
                              "(--tokenizer RUN/tokenizer)")
         else:
+            documents = read_documents(self.cfg.data or None, self.cfg.text_column)  # bad paths and files fail here
             print(f"training a {self.cfg.vocab_size}-token byte-level BPE on the corpus ...")
-            tok = train_bpe(read_documents(self.cfg.data or None), self.cfg.vocab_size)
+            tok = train_bpe(documents, self.cfg.vocab_size)
         tok.save(out)
         return tok
 
