@@ -1,5 +1,6 @@
 """The browser chat page (GET /) in headless Chromium, against a real server on the tiny random model."""
 import re
+import shutil
 
 import pytest
 from selenium import webdriver
@@ -11,23 +12,48 @@ from selenium.webdriver.support.ui import WebDriverWait
 from test_serve import KEY, Server, engine, model, tok  # noqa: F401  (model, tok: the server tests' fixtures)
 
 USAGE = r"prompt (\d+) \(cache hit (\d+)\) · completion (\d+)"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def chrome_paths() -> tuple[str, str]:
+    """(browser, chromedriver) found on PATH; fails (never skips), naming what is missing."""
+    browser = next(filter(None, map(shutil.which, BROWSERS)), None)
+    driver = shutil.which("chromedriver")
+    missing = [name for name, path in ((f"a Chromium (none of: {', '.join(BROWSERS)})", browser),
+                                       ("chromedriver", driver)) if path is None]
+    if missing:
+        pytest.fail(f"the chat page's browser test needs {' and '.join(missing)} on PATH: run the README's test "
+                    "command, bash scripts/test.sh, which installs Debian's chromium and chromium-driver, or see "
+                    "its message for other systems", pytrace=False)
+    return browser, driver
+
+
+def test_a_missing_browser_fails_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
+    with pytest.raises(pytest.fail.Exception, match="a Chromium .* and chromedriver on PATH"):
+        chrome_paths()
+    (tmp_path / "chromedriver").write_text("")
+    (tmp_path / "chromedriver").chmod(0o755)
+    with pytest.raises(pytest.fail.Exception, match=r"needs a Chromium \(none of: chromium, .*\) on PATH"):
+        chrome_paths()
 
 
 @pytest.fixture
 def browser(request):
-    """(driver, server): headless Chromium on a fresh server's chat page."""
+    """Headless Chromium's webdriver on a fresh server's chat page."""
+    binary, driver = chrome_paths()
     server = Server(engine(request.getfixturevalue("model"), request.getfixturevalue("tok")))
     try:
         opts = webdriver.ChromeOptions()
-        opts.binary_location = "/usr/bin/chromium"
+        opts.binary_location = binary
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
             opts.add_argument(arg)
-        driver = webdriver.Chrome(options=opts, service=Service("/usr/bin/chromedriver"))
+        chrome = webdriver.Chrome(options=opts, service=Service(driver))
         try:
-            driver.get(server.url + "/")
-            yield driver
+            chrome.get(server.url + "/")
+            yield chrome
         finally:
-            driver.quit()
+            chrome.quit()
     finally:
         server.stop()
 

@@ -109,6 +109,12 @@ def test_named_benchmark_modules_exist(page):
     assert not [f"benchmarks.{a}.{b}" for a, b in modules if not (REPO / "benchmarks" / a / f"{b}.py").is_file()]
 
 
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_named_scripts_exist(page):
+    named = set(re.findall(r"\bscripts/[\w\-]+\.(?:sh|py)\b", page.read_text()))
+    assert not [s for s in sorted(named) if not (REPO / s).is_file()], f"{page.relative_to(REPO)} names missing scripts"
+
+
 def git_has(rev_path: str) -> bool:
     try:
         return subprocess.run(["git", "cat-file", "-e", rev_path], cwd=REPO, capture_output=True).returncode == 0
