@@ -6,8 +6,9 @@ projections, top-k by sort); `--pieces`, graphs recorded with compiled pieces of
 compiled forward.
 
   python -m benchmarks.infer.profile_decode --preset bench-684m --batches 1,32 [--no-split] [--unfused] [--pieces]
+                                            [--fp8-weights]
 Prints a table per batch size. Results: docs/inference.md#decode-speed; saved as
-benchmarks/results/infer/profile_decode-<preset>[-no-split][-unfused][-pieces]_<device>_<date>.json.
+benchmarks/results/infer/profile_decode-<preset>[-no-split][-unfused][-pieces][-fp8]_<device>_<date>.json.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from benchmarks.results import save
 from dsv3 import Engine, EngineConfig, SamplingParams, preset
 from dsv3.data.bpe import train_bpe
 from dsv3.data.corpus import read_documents
+from dsv3.fp8 import fp8_weights
 from dsv3.infer import cuda_graphs, transform
 from dsv3.io.hf import build_model
 from dsv3.kernels import mla_decode, moe_decode
@@ -104,6 +106,8 @@ def main():
     p.add_argument("--no-split", action="store_true", help="one program per sequence in the decode kernel")
     p.add_argument("--unfused", action="store_true", help="grouped GEMM experts, separate projections, sort top-k")
     p.add_argument("--pieces", action="store_true", help="graphs with compiled pieces, not the whole forward")
+    p.add_argument("--fp8-weights", action="store_true", help="decoder weights in FP8 (dsv3/fp8/inference.py), "
+                                                              "converted before any engine")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks.infer.profile_decode profiles CUDA graphs: it needs a GPU")
@@ -120,6 +124,8 @@ def main():
     model = build_model(preset(args.preset).replace(num_nextn_predict_layers=0), "cuda", torch.bfloat16)
     model.init_weights()
     model.eval()
+    if args.fp8_weights:
+        fp8_weights(model)
     results = {}
     for B in [int(b) for b in args.batches.split(",")]:
         r = results[B] = profile(model, tok, B, args.prompt_len, args.steps)
@@ -133,7 +139,7 @@ def main():
         for name, us in r["top_host_self_us"]:
             print(f"{us:9.1f} us  {name[:90]}")
     tags = "".join(f"-{t}" for t, on in (("no-split", args.no_split), ("unfused", args.unfused),
-                                         ("pieces", args.pieces)) if on)
+                                         ("pieces", args.pieces), ("fp8", args.fp8_weights)) if on)
     save(__file__, args, results, tag=args.preset + tags)
 
 
