@@ -217,16 +217,20 @@ def test_triton_quantize_kernel_matches_torch_reference():
     run_fresh(QUANT_KERNEL)
 
 
-# FP8 weights at inference (dsv3/fp8/inference.py): the weight-only GEMM's Triton kernel against float64 on
-# the dequantized weight, ragged N and K (a 576-row kv_a-like weight, K off 128), 1 to 40 rows.
+# FP8 weights at inference (dsv3/fp8/inference.py): the weight-only GEMM's Triton kernels against float64 on
+# the dequantized weight, ragged N and K (a 576-row kv_a-like weight, K off 128), 1 to 40 rows; up to 16 rows with
+# the reduction whole and split (the interpreter counts 4 SMs: 2 and 3 slices below, the last one ragged), and a
+# second call on the same weight must agree with the first (the split's ticket counters are back at zero).
 W8_KERNEL = textwrap.dedent("""
     import torch
+    from dsv3.fp8 import gemm
     from dsv3.fp8.format import dequantize_blocks, quantize
     from dsv3.fp8.gemm import fp8_weight_mm
     from dsv3.kernels import use_triton
     g = torch.Generator().manual_seed(0)
-    for M, N, K, dtype in [(1, 200, 300, torch.float32), (5, 576, 256, torch.float16), (16, 64, 128, torch.float32),
-                           (40, 130, 384, torch.float32), (17, 256, 200, torch.float16)]:
+    for waves, M, N, K, dtype in [(w, *case) for w in (0, 2) for case in [(1, 200, 300, torch.float32), (5, 576, 256, torch.float16), (16, 64, 128, torch.float32),
+                           (3, 96, 1000, torch.float32), (40, 130, 384, torch.float32), (17, 256, 200, torch.float16)]]:
+        gemm.SPLIT_K_WAVES = waves  # 0: the few-rows kernel that does not split; 2: the split-K one
         wq, ws = quantize(torch.randn(N, K, generator=g) * 0.1)
         x = torch.randn(M, K, generator=g).to(dtype)
         assert use_triton(x)
@@ -234,6 +238,7 @@ W8_KERNEL = textwrap.dedent("""
         ours = fp8_weight_mm(x, wq, ws)
         err = ((ours.double() - ref).norm() / ref.norm()).item()
         assert ours.dtype == dtype and err < (1e-6 if dtype == torch.float32 else 2e-3), (M, N, K, dtype, err)
+        assert torch.equal(fp8_weight_mm(x, wq, ws), ours), (M, N, K)
     print("ok")
 """)
 

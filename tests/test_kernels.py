@@ -164,8 +164,10 @@ HOPPER = textwrap.dedent("""
     moe_decode._moe_ffn(torch.randn(1, D), w1.float(), w2.float(), rows, torch.rand(6), 6, None, None, None)
     mla_decode._mla_decode_triton(torch.randn(3, 16, 256), torch.randn(3, 16, 32), torch.randn(8, 64, 288),
                                   torch.zeros(3, 2, dtype=torch.int32), torch.tensor([5, 64, 100]), 0.1, 32, 4)
-    for M in (1, 200):  # FP8 weights at inference: decode rows and a prefill chunk
-        gemm._w8_mm_op(torch.randn(M, 7168).to(bf), torch.zeros(1536, 7168).to(f8), torch.ones(12, 56))
+    for waves, M, N in ((0, 1, 1536), (2, 1, 1536), (2, 1, 64), (0, 200, 1536)):  # FP8 weights at inference:
+        # decode rows (unsplit, and the reduction split in 1 and in 4 slices: the interpreter's 4 SMs), prefill
+        gemm.SPLIT_K_WAVES = waves
+        gemm._w8_mm_op(torch.randn(M, 7168).to(bf), torch.zeros(N, 7168).to(f8), torch.ones(-(-N // 128), 56))
     TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
              torch.int64: "i64", f8: "fp8e4nv"}
     def type_of(v):
@@ -189,7 +191,7 @@ HOPPER = textwrap.dedent("""
     names = {k[0] for k in done}
     assert names == {"_quant_rows_kernel", "_quant_cols_kernel", "_quant_blocks_kernel", "_grouped_fp8_fwd_kernel",
                      "_grouped_fp8_wgrad_kernel", "_mla_decode_kernel", "_mla_combine_kernel", "_gate_up_kernel",
-                     "_down_kernel", "_w8_mm_kernel"}, names
+                     "_down_kernel", "_w8_mm_kernel", "_w8_splitk_kernel"}, names
     print(len(done), "ok")
 """)
 
