@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -18,8 +19,17 @@ def _config(target: str):
 
 
 def cmd_info(args) -> None:
-    from dsv3.info import report
-    print(report(_config(args.target), args.seq_len, args.json))
+    from dsv3.info import memory_plan, model_stats, plan_report, report
+    cfg = _config(args.target)
+    if args.tp == 1 and args.gpu_memory is None and not args.fp8_weights:
+        print(report(cfg, args.seq_len, args.json))
+        return
+    try:
+        plan = memory_plan(cfg, args.tp, args.gpu_memory, args.fp8_weights, args.reserve)
+    except ValueError as e:
+        raise SystemExit(f"dsv3 info: {e}") from None
+    print(json.dumps(model_stats(cfg, args.seq_len) | {"plan": plan}) if args.json else
+          report(cfg, args.seq_len) + "\n" + plan_report(plan))
 
 
 def cmd_convert(args) -> None:
@@ -106,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("target", help="a preset name or a checkpoint directory / config.json")
     info.add_argument("--seq-len", type=int, default=4096, help="context length (tokens) for the FLOP count")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: the memory plan of each (weights per "
+                                                        "rank, latent cache, what fits)")
+    info.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                      help="memory of one GPU in GB (10^9 bytes, as cards are sold: 80 for an H100, 141 for an "
+                           "H200): how many tokens of cache fit, and whether the model fits at all")
+    info.add_argument("--fp8-weights", action="store_true", help="the plan with FP8 weights (as served with "
+                                                                 "--fp8-weights)")
+    info.add_argument("--reserve", type=float, default=None, metavar="GB",
+                      help="per GPU beside weights and cache (default: dsv3.info.RESERVE_GB, 6)")
     info.set_defaults(fn=cmd_info)
 
     conv = sub.add_parser("convert", help="FP8 (128×128 block-scaled) <-> bf16 checkpoint conversion")

@@ -11,8 +11,10 @@ Conventions, stated in every report:
 from __future__ import annotations
 
 import json
+import math
 
 from dsv3.config import ModelConfig
+from dsv3.infer import tensor_parallel as tp_layout
 from dsv3.io.hf import build_model
 
 
@@ -84,4 +86,71 @@ def report(cfg: ModelConfig, seq_len: int = 4096, as_json: bool = False) -> str:
         f"FLOPs per token at context {seq_len}: {_fmt(s['forward_flops_per_token'])} forward, "
         f"{_fmt(s['training_flops_per_token'])} training",
     ]
+    return "\n".join(lines)
+
+
+# ---- memory plan of tensor-parallel serving ---------------------------------------------------------------------
+RESERVE_GB = 6.0  # per GPU, beside weights and cache: one prefill chunk's activations, CUDA graphs, NCCL buffers,
+# allocator slack
+
+
+def memory_plan(cfg: ModelConfig, tp: int = 1, gpu_memory_gb: float | None = None, fp8_weights: bool = False,
+                reserve_gb: float | None = None) -> dict:
+    """What one of `tp` ranks holds when the model is served in DeepSeek's tensor-parallel layout
+    (dsv3/infer/tensor_parallel.py), and whether it fits a card of `gpu_memory_gb` × 10⁹ bytes. Weights: MTP
+    included when the model has it; with `fp8_weights`, the tensors DeepSeek stores in FP8 (those fp8_weights()
+    converts) at one byte plus an fp32 scale per 128×128 block of each rank's slice, the rest bf16 (the routing
+    bias fp32). Cache: the bf16 latent of every layer (MTP's too), the same on every rank. `fits`: weights, the
+    reserve and one sequence of the whole context fit the card. Raises ValueError naming what does not split."""
+    model = build_model(cfg, device="meta")
+    shapes = [(n, tuple(t.shape)) for n, t in (*model.named_parameters(), *model.named_buffers())
+              if n != "rope_inv_freq"]
+    fp8 = tp_layout.fp8_held(model) if fp8_weights else set()
+    tp_layout.check_divisible(cfg, tp, shapes, fp8)
+    counts = {"fp8": 0, "scales": 0, "bf16": 0, "fp32": 0}
+    mtp_bytes = 0
+    for name, shape in shapes:
+        shard = list(shape)
+        if (d := tp_layout.split_dim(name)) is not None:
+            shard[d] //= tp
+        numel = math.prod(shard)
+        if name in fp8:  # (..., rows, cols): the scale grid of each matrix, in whole blocks of this rank's slice
+            part = {"fp8": numel, "scales": math.prod(shard[:-2]) * -(-shard[-2] // 128) * -(-shard[-1] // 128) * 4}
+        elif name.endswith("e_score_correction_bias"):
+            part = {"fp32": numel * 4}
+        else:
+            part = {"bf16": numel * 2}
+        for k, v in part.items():
+            counts[k] += v
+            mtp_bytes += v if name.startswith("mtp.") else 0
+    weights = sum(counts.values())
+    layer_cache = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2  # bf16 latent + rope key, per token and layer
+    plan = {"tp": tp, "fp8_weights": fp8_weights, "weight_bytes_per_rank": weights,
+            "weight_bytes_by_kind": counts, "mtp_weight_bytes_per_rank": mtp_bytes,
+            "cache_bytes_per_token": cfg.num_hidden_layers * layer_cache,
+            "mtp_cache_bytes_per_token": cfg.num_nextn_predict_layers * layer_cache,
+            "context_length": cfg.max_position_embeddings,
+            "reserve_bytes": int((RESERVE_GB if reserve_gb is None else reserve_gb) * 1e9)}
+    if gpu_memory_gb is not None:
+        card, per_token = int(gpu_memory_gb * 1e9), plan["cache_bytes_per_token"] + plan["mtp_cache_bytes_per_token"]
+        free = card - weights - plan["reserve_bytes"]
+        plan |= {"gpu_memory_bytes": card, "cache_tokens_fit": max(free, 0) // per_token,
+                 "fits": free >= cfg.max_position_embeddings * per_token}
+    return plan
+
+
+def plan_report(plan: dict) -> str:
+    gb = lambda b: f"{b / 1e9:,.2f} GB"  # noqa: E731  (10⁹ bytes, as cards are sold)
+    kinds = ", ".join(f"{k} {gb(v)}" for k, v in plan["weight_bytes_by_kind"].items() if v)
+    lines = [f"tensor parallel over {plan['tp']} rank(s), {'FP8' if plan['fp8_weights'] else 'bf16'} weights:",
+             f"  weights per rank: {gb(plan['weight_bytes_per_rank'])} ({kinds}; MTP "
+             f"{gb(plan['mtp_weight_bytes_per_rank'])})",
+             f"  latent cache, the same on every rank: {plan['cache_bytes_per_token']:,} B per token (MTP's layer "
+             f"{plan['mtp_cache_bytes_per_token']:,} B more); a full context of {plan['context_length']:,} tokens is "
+             f"{gb((plan['cache_bytes_per_token'] + plan['mtp_cache_bytes_per_token']) * plan['context_length'])}",
+             f"  reserve per GPU (activations, CUDA graphs, NCCL buffers, allocator slack): "
+             f"{gb(plan['reserve_bytes'])}"]
+    if "gpu_memory_bytes" in plan:
+        lines.append(f"  on a {gb(plan['gpu_memory_bytes'])} card: {plan['cache_tokens_fit']:,} tokens of cache fit; "
+                     + ("fits" if plan["fits"] else "DOES NOT FIT (weights + reserve + one full-context sequence)"))
     return "\n".join(lines)
