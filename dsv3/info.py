@@ -95,12 +95,12 @@ RESERVE_GB = 6.0  # per GPU, beside weights and cache: one prefill chunk's activ
 
 
 def memory_plan(cfg: ModelConfig, tp: int = 1, gpu_memory_gb: float | None = None, fp8_weights: bool = False,
-                reserve_gb: float | None = None) -> dict:
+                reserve_gb: float | None = None, dtype_bytes: int = 2) -> dict:
     """What one of `tp` ranks holds when the model is served in DeepSeek's tensor-parallel layout
     (dsv3/infer/tensor_parallel.py), and whether it fits a card of `gpu_memory_gb` × 10⁹ bytes. Weights: MTP
     included when the model has it; with `fp8_weights`, the tensors DeepSeek stores in FP8 (those fp8_weights()
-    converts) at one byte plus an fp32 scale per 128×128 block of each rank's slice, the rest bf16 (the routing
-    bias fp32). Cache: the bf16 latent of every layer (MTP's too), the same on every rank. `fits`: weights, the
+    converts) at one byte plus an fp32 scale per 128×128 block of each rank's slice, the rest bf16 (`dtype_bytes`
+    4: fp32; the routing bias fp32). Cache: the bf16 latent of every layer (MTP's too), the same on every rank. `fits`: weights, the
     reserve and one sequence of the whole context fit the card. Raises ValueError naming what does not split."""
     model = build_model(cfg, device="meta")
     shapes = [(n, tuple(t.shape)) for n, t in (*model.named_parameters(), *model.named_buffers())
@@ -119,13 +119,14 @@ def memory_plan(cfg: ModelConfig, tp: int = 1, gpu_memory_gb: float | None = Non
         elif name.endswith("e_score_correction_bias"):
             part = {"fp32": numel * 4}
         else:
-            part = {"bf16": numel * 2}
+            part = {"bf16" if dtype_bytes == 2 else "fp32": numel * dtype_bytes}
         for k, v in part.items():
             counts[k] += v
             mtp_bytes += v if name.startswith("mtp.") else 0
     weights = sum(counts.values())
     layer_cache = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2  # bf16 latent + rope key, per token and layer
-    plan = {"tp": tp, "fp8_weights": fp8_weights, "weight_bytes_per_rank": weights,
+    plan = {"tp": tp, "fp8_weights": fp8_weights, "dtype": {2: "bf16", 4: "fp32"}[dtype_bytes],
+            "weight_bytes_per_rank": weights,
             "weight_bytes_by_kind": counts, "mtp_weight_bytes_per_rank": mtp_bytes,
             "cache_bytes_per_token": cfg.num_hidden_layers * layer_cache,
             "mtp_cache_bytes_per_token": cfg.num_nextn_predict_layers * layer_cache,
@@ -142,7 +143,8 @@ def memory_plan(cfg: ModelConfig, tp: int = 1, gpu_memory_gb: float | None = Non
 def plan_report(plan: dict) -> str:
     gb = lambda b: f"{b / 1e9:,.2f} GB"  # noqa: E731  (10⁹ bytes, as cards are sold)
     kinds = ", ".join(f"{k} {gb(v)}" for k, v in plan["weight_bytes_by_kind"].items() if v)
-    lines = [f"tensor parallel over {plan['tp']} rank(s), {'FP8' if plan['fp8_weights'] else 'bf16'} weights:",
+    kind = f"FP8 weights (the rest {plan['dtype']})" if plan["fp8_weights"] else f"{plan['dtype']} weights"
+    lines = [f"tensor parallel over {plan['tp']} rank(s), {kind}:",
              f"  weights per rank: {gb(plan['weight_bytes_per_rank'])} ({kinds}; MTP "
              f"{gb(plan['mtp_weight_bytes_per_rank'])})",
              f"  latent cache, the same on every rank: {plan['cache_bytes_per_token']:,} B per token (MTP's layer "
@@ -154,3 +156,11 @@ def plan_report(plan: dict) -> str:
         lines.append(f"  on a {gb(plan['gpu_memory_bytes'])} card: {plan['cache_tokens_fit']:,} tokens of cache fit; "
                      + ("fits" if plan["fits"] else "DOES NOT FIT (weights + reserve + one full-context sequence)"))
     return "\n".join(lines)
+
+
+def refuse_unless_fits(cfg: ModelConfig, gpu_memory_bytes: int, fp8_weights: bool, dtype_bytes: int = 2) -> dict:
+    """The plan on this card; SystemExit with it, before anything loads, when it does not fit."""
+    plan = memory_plan(cfg, 1, gpu_memory_bytes / 1e9, fp8_weights, dtype_bytes=dtype_bytes)
+    if not plan["fits"]:
+        raise SystemExit(f"the model does not fit this GPU; nothing was loaded:\n{plan_report(plan)}")
+    return plan

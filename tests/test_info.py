@@ -82,3 +82,14 @@ def test_info_cli_prints_the_plan_and_json_says_whether_it_fits():
     assert "86.75 GB" in text and "fits" in text and "DOES NOT FIT" not in text
     bad = run("--tp", "3")
     assert bad.returncode != 0 and "num_attention_heads=128" in bad.stderr
+
+
+def test_serve_refuses_up_front_when_the_plan_does_not_fit():
+    from dsv3.info import refuse_unless_fits
+    with pytest.raises(SystemExit, match=r"does not fit this GPU; nothing was loaded:(.|\n)*DOES NOT FIT"):
+        refuse_unless_fits(preset("deepseek-v3"), 80 * 10**9, fp8_weights=True)
+    # deepseek-v2-lite: 15.7B parameters, 31.4 GB in bf16, 62.8 GB in fp32, 5.1 GB of cache for its whole context
+    lite = preset("deepseek-v2-lite")
+    assert refuse_unless_fits(lite, 70 * 10**9, fp8_weights=False)["fits"]
+    with pytest.raises(SystemExit, match="fp32 weights"):
+        refuse_unless_fits(lite, 70 * 10**9, fp8_weights=False, dtype_bytes=4)

@@ -8,6 +8,10 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+
+from dsv3.config import ModelConfig
+from dsv3.info import refuse_unless_fits
 from dsv3.infer.engine import Engine, EngineConfig
 from dsv3.infer.llm import LoadConfig, inference_dtype
 from dsv3.io import load_model
@@ -55,7 +59,11 @@ def run(args) -> None:
     load = from_args(LoadConfig, args)
     device = resolve_device(load.device)
     ckpt = Path(args.checkpoint)
-    model = load_model(ckpt, device=device, dtype=inference_dtype(load.dtype, device), fp8_weights=load.fp8_weights)
+    dtype = inference_dtype(load.dtype, device)
+    if device.type == "cuda":  # refused up front with the memory plan, never by running out of memory mid-load
+        refuse_unless_fits(ModelConfig.from_json(ckpt), torch.cuda.get_device_properties(device).total_memory,
+                           load.fp8_weights, dtype.itemsize)
+    model = load_model(ckpt, device=device, dtype=dtype, fp8_weights=load.fp8_weights)
     keys = args.api_key
     if args.api_keys_file:
         keys = [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]
