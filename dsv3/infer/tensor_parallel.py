@@ -14,12 +14,16 @@ is whole blocks; a ragged last block is allowed only in a dimension that is not 
 """
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.fp8.format import BLOCK
 from dsv3.fp8.inference import KEEP
-from dsv3.model.moe import Experts
+from dsv3.model.mla import MLA
+from dsv3.model.moe import MLP, Experts, MoE
 
 COLUMN = ("q_b_proj", "kv_b_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head", "eh_proj")  # split dim 0
 ROW = ("o_proj", "down_proj")  # split dim 1 (the input features)
@@ -81,3 +85,120 @@ def check_divisible(cfg: ModelConfig, tp: int, named_shapes, fp8: set[str]) -> N
 def _generic(name: str) -> str:
     """`layers.3.self_attn.o_proj.weight` and `mtp.self_attn.o_proj.weight` -> `self_attn.o_proj.weight`."""
     return ".".join(p for p in name.split(".")[1:] if not p.isdigit()) if "." in name else name
+
+
+# ---- the transform: a built model becomes one rank's shard ------------------------------------------------------
+def apply_tp(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """In place: every module keeps its rank's slice of the layout above and does its own collectives (one
+    all-reduce after attention, one per MLP or MoE layer: the shared and routed partial sums together; the head's
+    logits all-gathered). Inference only (no gradients through the collectives). Every rank must hold the same
+    model before (the same seed or checkpoint): the replicated parts stay as they are."""
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    if n == 1:
+        return model
+    named = [(name, tuple(t.shape)) for name, t in (*model.named_parameters(), *model.named_buffers())]
+    check_divisible(model.config, n, named, set())
+    for name, m in list(model.named_modules()):
+        if isinstance(m, MLA):
+            _take(m, "q_b_proj" if hasattr(m, "q_b_proj") else "q_proj", 0, n, rank)
+            _take(m, "kv_b_proj", 0, n, rank)
+            _take(m, "o_proj", 1, n, rank)
+            m.o_proj.__class__, m.o_proj.group = _RowParallel, group
+            m.n_heads //= n
+        elif isinstance(m, MoE):
+            e = m.experts
+            per = e.gate_up_proj.shape[0] // n
+            e.gate_up_proj = nn.Parameter(e.gate_up_proj.data[rank * per:(rank + 1) * per].clone(), False)
+            e.down_proj = nn.Parameter(e.down_proj.data[rank * per:(rank + 1) * per].clone(), False)
+            if m.shared_experts is not None:
+                _split_mlp(m.shared_experts, n, rank)
+            m.__class__, m.group, m.first_expert = _ParallelMoE, group, rank * per
+        elif type(m) is MLP and not name.endswith("shared_experts"):
+            _split_mlp(m, n, rank)
+            m.down_proj.__class__, m.down_proj.group = _RowParallel, group
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    _take(model, "embed_tokens", 0, n, rank)
+    model.embed_tokens.__class__, model.embed_tokens.group = _VocabParallelEmbedding, group
+    model.embed_tokens.first_row = rank * model.embed_tokens.weight.shape[0]
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    else:
+        _take(model, "lm_head", 0, n, rank)
+    model.lm_head.__class__, model.lm_head.group = _VocabParallelHead, group
+    for m in getattr(model, "mtp", []):
+        _take(m, "eh_proj", 0, n, rank)
+        m.eh_proj.__class__, m.eh_proj.group = _GatheredColumns, group
+    return model
+
+
+def _take(parent: nn.Module, attr: str, dim: int, n: int, rank: int) -> None:
+    """parent.attr's weight cut to this rank's 1/n along `dim` (a copy: the full tensor can be freed)."""
+    m = getattr(parent, attr)
+    w = m.weight.data
+    size = w.shape[dim] // n
+    m.weight = nn.Parameter(w.narrow(dim, rank * size, size).clone(), requires_grad=False)
+
+
+def _split_mlp(m: MLP, n: int, rank: int) -> None:
+    _take(m, "gate_proj", 0, n, rank)
+    _take(m, "up_proj", 0, n, rank)
+    _take(m, "down_proj", 1, n, rank)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    dist.all_reduce(x, group=group)
+    return x
+
+
+class _RowParallel(nn.Linear):
+    """Its rank's input columns: a partial sum, all-reduced."""
+
+    def forward(self, x):
+        return _all_reduce(F.linear(x, self.weight, self.bias), self.group)
+
+
+class _GatheredColumns(nn.Linear):
+    """Its rank's output rows, all-gathered into the whole output (MTP's eh_proj)."""
+
+    def forward(self, x):
+        part = F.linear(x, self.weight)
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, part.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+class _VocabParallelHead(_GatheredColumns):
+    """Logits of its rank's slice of the vocabulary, all-gathered."""
+
+
+class _VocabParallelEmbedding(nn.Embedding):
+    """Rows of its rank's slice of the vocabulary; ids outside it give zeros; the sum over ranks is the lookup."""
+
+    def forward(self, ids):
+        local = ids - self.first_row
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        h = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * inside.unsqueeze(-1)
+        return _all_reduce(h, self.group)
+
+
+class _ParallelMoE(MoE):
+    """Its rank's n_routed/N experts run on the (token, expert) pairs routed to them; their partial sum and the
+    shared expert's (column / row split) are added, then all-reduced once. The router is replicated, so every
+    rank routes alike."""
+
+    def forward(self, x):
+        x_ND = x.reshape(-1, x.shape[-1])
+        w_NK, idx_NK, _ = self.gate(x_ND)
+        E_local = self.experts.gate_up_proj.shape[0]
+        local = (idx_NK >= self.first_expert) & (idx_NK < self.first_expert + E_local)
+        token_P, k_P = local.nonzero(as_tuple=True)  # the pairs this rank computes
+        y_ND = torch.zeros_like(x_ND)
+        if token_P.numel():
+            y_PD, _ = self.experts(x_ND[token_P], w_NK[token_P, k_P, None],
+                                   (idx_NK[token_P, k_P] - self.first_expert)[:, None])
+            y_ND.index_add_(0, token_P, y_PD.to(y_ND.dtype))
+        y = y_ND.view_as(x)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.gate.weight.shape[0])
+        return _all_reduce(y, self.group), counts_E, None
