@@ -21,7 +21,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.fp8.format import BLOCK
-from dsv3.fp8.inference import KEEP
+from dsv3.fp8.inference import KEEP, Fp8WeightLinear
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MLP, Experts, MoE
 
@@ -91,31 +91,32 @@ def _generic(name: str) -> str:
 def apply_tp(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """In place: every module keeps its rank's slice of the layout above and does its own collectives (one
     all-reduce after attention, one per MLP or MoE layer: the shared and routed partial sums together; the head's
-    logits all-gathered). Inference only (no gradients through the collectives). Every rank must hold the same
-    model before (the same seed or checkpoint): the replicated parts stay as they are."""
+    logits all-gathered). Before or after fp8_weights (an FP8 weight's scale grid is cut with it, in whole blocks).
+    Inference only (no gradients through the collectives). Every rank must hold the same model before (the same
+    seed or checkpoint): the replicated parts stay as they are."""
     n, rank = dist.get_world_size(group), dist.get_rank(group)
     if n == 1:
         return model
     named = [(name, tuple(t.shape)) for name, t in (*model.named_parameters(), *model.named_buffers())]
-    check_divisible(model.config, n, named, set())
+    fp8 = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Fp8WeightLinear)}
+    check_divisible(model.config, n, named, fp8)
     for name, m in list(model.named_modules()):
         if isinstance(m, MLA):
             _take(m, "q_b_proj" if hasattr(m, "q_b_proj") else "q_proj", 0, n, rank)
             _take(m, "kv_b_proj", 0, n, rank)
             _take(m, "o_proj", 1, n, rank)
-            m.o_proj.__class__, m.o_proj.group = _RowParallel, group
+            _extend(m.o_proj, _AllReduced, group)
             m.n_heads //= n
         elif isinstance(m, MoE):
-            e = m.experts
-            per = e.gate_up_proj.shape[0] // n
-            e.gate_up_proj = nn.Parameter(e.gate_up_proj.data[rank * per:(rank + 1) * per].clone(), False)
-            e.down_proj = nn.Parameter(e.down_proj.data[rank * per:(rank + 1) * per].clone(), False)
+            per = m.experts.gate_up_proj.shape[0] // n
+            for attr, t in [*m.experts.named_parameters(recurse=False), *m.experts.named_buffers(recurse=False)]:
+                _replace(m.experts, attr, t.narrow(0, rank * per, per))  # whole experts, with their scales
             if m.shared_experts is not None:
                 _split_mlp(m.shared_experts, n, rank)
             m.__class__, m.group, m.first_expert = _ParallelMoE, group, rank * per
         elif type(m) is MLP and not name.endswith("shared_experts"):
             _split_mlp(m, n, rank)
-            m.down_proj.__class__, m.down_proj.group = _RowParallel, group
+            _extend(m.down_proj, _AllReduced, group)
     tied = model.lm_head.weight is model.embed_tokens.weight
     _take(model, "embed_tokens", 0, n, rank)
     model.embed_tokens.__class__, model.embed_tokens.group = _VocabParallelEmbedding, group
@@ -124,19 +125,32 @@ def apply_tp(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Mod
         model.lm_head.weight = model.embed_tokens.weight
     else:
         _take(model, "lm_head", 0, n, rank)
-    model.lm_head.__class__, model.lm_head.group = _VocabParallelHead, group
+    _extend(model.lm_head, _Gathered, group)
     for m in getattr(model, "mtp", []):
         _take(m, "eh_proj", 0, n, rank)
-        m.eh_proj.__class__, m.eh_proj.group = _GatheredColumns, group
+        _extend(m.eh_proj, _Gathered, group)
     return model
 
 
+def _replace(m: nn.Module, attr: str, t: torch.Tensor) -> None:
+    """m.attr becomes a copy of `t` (the full tensor can then be freed), a parameter or a buffer as before."""
+    if attr in m._parameters:
+        setattr(m, attr, nn.Parameter(t.clone(), requires_grad=False))
+    else:
+        setattr(m, attr, t.clone())
+
+
 def _take(parent: nn.Module, attr: str, dim: int, n: int, rank: int) -> None:
-    """parent.attr's weight cut to this rank's 1/n along `dim` (a copy: the full tensor can be freed)."""
+    """parent.attr (a linear, bf16 or FP8, or the embedding) cut to this rank's 1/n along `dim`; an FP8 weight's
+    scale grid along the same dimension (the split is in whole 128-blocks: check_divisible)."""
     m = getattr(parent, attr)
-    w = m.weight.data
-    size = w.shape[dim] // n
-    m.weight = nn.Parameter(w.narrow(dim, rank * size, size).clone(), requires_grad=False)
+    names = ("weight", "weight_scale_inv") if isinstance(m, Fp8WeightLinear) else ("weight",)
+    for name in names:
+        t = getattr(m, name)
+        size = t.shape[dim] // n
+        _replace(m, name, t.narrow(dim, rank * size, size))
+    if isinstance(m, (nn.Linear, Fp8WeightLinear)):
+        m.out_features, m.in_features = m.weight.shape
 
 
 def _split_mlp(m: MLP, n: int, rank: int) -> None:
@@ -145,30 +159,38 @@ def _split_mlp(m: MLP, n: int, rank: int) -> None:
     _take(m, "down_proj", 1, n, rank)
 
 
+_extended: dict[tuple[type, type], type] = {}
+
+
+def _extend(m: nn.Module, mixin: type, group) -> None:
+    """m's class becomes mixin + its class (a plain or an FP8 linear alike), with the process group to use."""
+    key = (mixin, type(m))
+    if key not in _extended:
+        _extended[key] = type(f"{mixin.__name__.strip('_')}{type(m).__name__}", key, {})
+    m.__class__, m.group = _extended[key], group
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     dist.all_reduce(x, group=group)
     return x
 
 
-class _RowParallel(nn.Linear):
-    """Its rank's input columns: a partial sum, all-reduced."""
+class _AllReduced:
+    """A row-parallel linear: its rank's input columns give a partial sum, all-reduced."""
 
     def forward(self, x):
-        return _all_reduce(F.linear(x, self.weight, self.bias), self.group)
+        return _all_reduce(super().forward(x), self.group)
 
 
-class _GatheredColumns(nn.Linear):
-    """Its rank's output rows, all-gathered into the whole output (MTP's eh_proj)."""
+class _Gathered:
+    """A column-parallel linear whose whole output is needed: its rank's rows, all-gathered (the vocabulary's
+    logits; MTP's eh_proj)."""
 
     def forward(self, x):
-        part = F.linear(x, self.weight)
+        part = super().forward(x).contiguous()
         parts = [torch.empty_like(part) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, part.contiguous(), group=self.group)
+        dist.all_gather(parts, part, group=self.group)
         return torch.cat(parts, dim=-1)
-
-
-class _VocabParallelHead(_GatheredColumns):
-    """Logits of its rank's slice of the vocabulary, all-gathered."""
 
 
 class _VocabParallelEmbedding(nn.Embedding):
