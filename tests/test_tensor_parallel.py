@@ -100,3 +100,25 @@ def test_2_and_4_ranks_give_one_process_logits_and_tokens(tmp_path):
             assert fp8[2]["layers.0.self_attn.o_proj.weight_scale_inv"] == (2, 4 // world)
             assert fp8[2]["layers.0.self_attn.q_b_proj.weight_scale_inv"] == (4 // world, 1)
             assert fp8[2]["layers.1.mlp.experts.down_proj_scale_inv"] == (8 // world, 2, 4)
+
+
+def test_llm_with_tensor_parallel_size_2_generates_what_one_process_does(tmp_path):
+    from dsv3 import LLM, SamplingParams, save_model
+    from dsv3.data.bpe import train_bpe
+    from dsv3.data.corpus import read_documents
+    ckpt = tmp_path / "ckpt"
+    save_model(_model(CFG, fp8=False), ckpt)
+    train_bpe(list(read_documents(None))[:20], 512).save(ckpt)
+    prompts = ["ROMEO.\n", "JULIET. O Romeo, Romeo", "A"]
+    params = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0.8, seed=5, max_tokens=9),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)]
+    one = [o.outputs[0].token_ids for o in LLM(ckpt, device="cpu").generate(prompts, params, use_tqdm=False)]
+    llm = LLM(ckpt, device="cpu", tensor_parallel_size=2)
+    workers = list(llm._workers)  # rank 1's process
+    try:
+        two = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        again = [o.outputs[0].token_ids for o in llm.generate(prompts[:1], params[:1], use_tqdm=False)]
+    finally:
+        llm.close()
+    assert two == one and again == one[:1]
+    assert len(workers) == 1 and not workers[0].is_alive() and workers[0].exitcode == 0  # close() ended rank 1

@@ -4,16 +4,24 @@
     llm = LLM("runs/quickstart/checkpoints/step_0000960/model")
     for out in llm.generate(["ROMEO.\\n", "JULIET.\\n"], SamplingParams(temperature=0.8, max_tokens=64)):
         print(out.outputs[0].text)
+
+`LLM(path, tensor_parallel_size=N)` starts N-1 more processes itself; each rank loads the checkpoint, keeps its
+shard (dsv3/infer/tensor_parallel.py) and runs an engine in lockstep with this one (rank 0). `close()` ends them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import tempfile
+
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from dsv3 import fp8
+from dsv3.infer import tensor_parallel as tp
 from dsv3.infer.engine import Engine, EngineConfig, RequestOutput
 from dsv3.infer.sampler import SamplingParams
 from dsv3.io import load_model
@@ -46,10 +54,20 @@ def inference_dtype(name: str | torch.dtype | None, device: torch.device) -> tor
 class LLM:
     def __init__(self, model: str | Path | Transformer, tokenizer: str | Path | Tokenizer | None = None,
                  device: str | None = None, dtype: str | torch.dtype | None = None,
-                 config: EngineConfig | None = None, fp8_weights: bool = False):
+                 config: EngineConfig | None = None, fp8_weights: bool = False, tensor_parallel_size: int = 1):
         """A checkpoint directory (HF layout, with its tokenizer files) or a built model plus a tokenizer.
         `fp8_weights`: the decoder's linears and routed experts held and multiplied in FP8
-        (dsv3/fp8/inference.py; an FP8 checkpoint's values as they are, a built model converted in place)."""
+        (dsv3/fp8/inference.py; an FP8 checkpoint's values as they are, a built model converted in place).
+        `tensor_parallel_size`: N processes on N devices (gloo on a CPU, NCCL on GPUs), from a checkpoint."""
+        self._workers = []
+        if tensor_parallel_size > 1:
+            if isinstance(model, Transformer):
+                raise ValueError("tensor_parallel_size > 1 needs a checkpoint directory: every rank loads it")
+            self.tokenizer = Tokenizer.from_dir(tokenizer or model)
+            self._workers, engine = _start_ranks(tensor_parallel_size, str(model), str(tokenizer or model), device,
+                                                 dtype, fp8_weights, config)
+            self.engine = tp.TPEngine(engine)
+            return
         device = resolve_device(device)
         if isinstance(model, Transformer):
             if tokenizer is None:
@@ -67,6 +85,15 @@ class LLM:
         """A checkpoint loaded as the inference verbs' flags say."""
         return cls(checkpoint, device=load.device, dtype=load.dtype, fp8_weights=load.fp8_weights)
 
+    def close(self) -> None:
+        """With tensor parallelism, end the other ranks' processes (idempotent)."""
+        if self._workers:
+            self.engine.close()
+            for w in self._workers:
+                w.join(60)
+            self._workers = []
+            dist.destroy_process_group()
+
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -77,6 +104,35 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         return run_requests(self.engine, prompts, params, use_tqdm)
+
+
+def _shard(rank: int, n: int, init_file: str, model: str, tokenizer: str, device, dtype, fp8_weights: bool,
+           config: EngineConfig | None) -> Engine:
+    """Join the group as `rank` of `n`, load the checkpoint, keep this rank's shard, build its engine."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=n)
+    shard = tp.apply_tp(load_model(model, device=device, dtype=inference_dtype(dtype, device),
+                                   fp8_weights=fp8_weights))
+    return Engine(shard, Tokenizer.from_dir(tokenizer), config)
+
+
+def _follower(rank: int, *args) -> None:
+    tp.follow(_shard(rank, *args))
+    dist.destroy_process_group()
+
+
+def _start_ranks(n: int, *args) -> tuple[list, Engine]:
+    """Ranks 1..n-1 as processes of their own (spawned: a fresh interpreter each), then rank 0 here."""
+    init_file = str(Path(tempfile.mkdtemp(prefix="dsv3-tp-")) / "rendezvous")  # must not exist yet
+    ctx = mp.get_context("spawn")
+    workers = [ctx.Process(target=_follower, args=(rank, n, init_file, *args), daemon=True) for rank in range(1, n)]
+    for w in workers:
+        w.start()
+    return workers, _shard(0, n, init_file, *args)
 
 
 def run_requests(engine: Engine, prompts: list, params: list[SamplingParams], use_tqdm: bool = True,

@@ -224,3 +224,49 @@ class _ParallelMoE(MoE):
             y = y + self.shared_experts(x)
         counts_E = torch.bincount(idx_NK.flatten(), minlength=self.gate.weight.shape[0])
         return _all_reduce(y, self.group), counts_E, None
+
+
+# ---- N engines in lockstep ------------------------------------------------------------------------------------
+class TPEngine:
+    """Rank 0's face of the N ranks' engines. Rank 0 takes the requests; before each step it broadcasts what
+    changed since the last (requests added, aborted) with the order to step, and every rank steps its own engine:
+    the schedulers decide alike (the same requests in the same order), the forwards meet in their collectives,
+    and every rank samples the same tokens from the same all-reduced logits with the same generators. Anything
+    else reads rank 0's engine."""
+
+    def __init__(self, engine, group: dist.ProcessGroup | None = None):
+        self.engine, self.group, self.pending = engine, group, []
+
+    def add_request(self, prompt, params=None, request_id: str | None = None) -> str:
+        rid = self.engine.add_request(prompt, params, request_id)  # checked here: a bad request never leaves rank 0
+        self.pending.append(("add", (prompt, params, rid)))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self.pending.append(("abort", (request_id,)))
+
+    def step(self):
+        ops, self.pending = self.pending, []
+        dist.broadcast_object_list([("step", ops)], src=0, group=self.group)
+        return self.engine.step()
+
+    def close(self) -> None:
+        """The other ranks leave `follow`."""
+        dist.broadcast_object_list([("stop", [])], src=0, group=self.group)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def follow(engine, group: dist.ProcessGroup | None = None) -> None:
+    """Ranks 1..N-1: apply what rank 0's TPEngine broadcasts to this rank's engine, step by step, until it stops."""
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        order, ops = box[0]
+        if order == "stop":
+            return
+        for op, args in ops:
+            engine.add_request(*args) if op == "add" else engine.abort(*args)
+        engine.step()
