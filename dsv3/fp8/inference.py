@@ -74,19 +74,22 @@ class Fp8WeightExperts(Experts):
         return routed_experts(x_ND, w_NK, idx_NK, w1, w2)
 
 
+def fp8_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of what fp8_weights converts: the decoder layers' (and MTP blocks') linears but KEEP, and
+    their routed experts."""
+    return [(f"{root}.{name}", m) for root in ("layers", "mtp")
+            for name, m in getattr(model, root, nn.Module()).named_modules()
+            if (type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP) or type(m) is Experts]
+
+
 def fp8_weights(model: nn.Module, ue8m0: bool = False) -> dict:
     """Replace the decoder layers' (and MTP blocks') linears and routed experts by their FP8 forms, in place ->
     how many of each. Call it before the engine is built (its fused projections join only plain linears)."""
     n = {"linears": 0, "experts": 0}
-    for root in ("layers", "mtp"):
-        for name, m in list(getattr(model, root, nn.Module()).named_modules()):
-            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP:
-                new, kind = Fp8WeightLinear.from_linear(m, ue8m0), "linears"
-            elif type(m) is Experts:
-                new, kind = Fp8WeightExperts(m, ue8m0), "experts"
-            else:
-                continue
-            parent, _, attr = f"{root}.{name}".rpartition(".")
-            setattr(model.get_submodule(parent), attr, new)
-            n[kind] += 1
+    for name, m in fp8_targets(model):
+        linear = isinstance(m, nn.Linear)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr,
+                Fp8WeightLinear.from_linear(m, ue8m0) if linear else Fp8WeightExperts(m, ue8m0))
+        n["linears" if linear else "experts"] += 1
     return n

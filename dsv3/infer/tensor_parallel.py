@@ -21,9 +21,9 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.fp8.format import BLOCK
-from dsv3.fp8.inference import KEEP, Fp8WeightLinear
+from dsv3.fp8.inference import Fp8WeightLinear, fp8_targets
 from dsv3.model.mla import MLA
-from dsv3.model.moe import MLP, Experts, MoE
+from dsv3.model.moe import MLP, MoE
 
 COLUMN = ("q_b_proj", "kv_b_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head", "eh_proj")  # split dim 0
 ROW = ("o_proj", "down_proj")  # split dim 1 (the input features)
@@ -44,16 +44,8 @@ def split_dim(name: str) -> int | None:
 
 
 def fp8_held(model: nn.Module) -> set[str]:
-    """Names of the tensors `fp8_weights(model)` would hold in e4m3 (dsv3/fp8/inference.py): the decoder's linears
-    but kv_b_proj and eh_proj, and the routed experts."""
-    names = set()
-    for root in ("layers", "mtp"):
-        for name, m in getattr(model, root, nn.Module()).named_modules():
-            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP:
-                names.add(f"{root}.{name}.weight")
-            elif isinstance(m, Experts):
-                names |= {f"{root}.{name}.{p}" for p, _ in m.named_parameters()}
-    return names
+    """Names of the tensors `fp8_weights(model)` would hold in e4m3 (dsv3/fp8/inference.py)."""
+    return {f"{name}.{p}" for name, m in fp8_targets(model) for p, _ in m.named_parameters()}
 
 
 def check_divisible(cfg: ModelConfig, tp: int, named_shapes, fp8: set[str]) -> None:
