@@ -18,22 +18,28 @@ LAYERS, DENSE, MOE, MTP, I, F, E, VOCAB = 61, 3, 58, 1, 18432, 2048, 256, 129280
 
 def fp8(rows, cols):
     """One e4m3 matrix and its fp32 scale per 128×128 block."""
-    return rows * cols + math.ceil(rows / 128) * math.ceil(cols / 128) * 4
+    return rows * cols + scales(rows, cols)
 
 
 def bf16(*shape):
     return 2 * math.prod(shape)
 
 
-def hand_count(n: int) -> int:
+def scales(rows, cols):
+    return math.ceil(rows / 128) * math.ceil(cols / 128) * 4
+
+
+def hand_count(n: int, fp8=fp8, bf16=bf16, bias: int = 4) -> int:
     """Bytes of weights one of n ranks holds: heads, dense and shared-expert widths, vocabulary and eh_proj's
     output split n ways; n_routed / n whole experts; q_a, kv_a, norms and the router whole; FP8 where DeepSeek
     stores FP8 (kv_b_proj stays bf16: absorbed attention folds it into dense matrices), bf16 elsewhere, the routing
-    bias fp32. Routed experts as DeepSeek's checkpoint holds them: gate, up and down per expert."""
+    bias fp32. Routed experts as DeepSeek's checkpoint holds them: gate, up and down per expert. Other `fp8`, `bf16`
+    and `bias` (bytes per routing-bias entry) count one kind alone: `hand_count(n, scales, nothing, 0)`, the fp32
+    scale grids."""
     attention = (fp8(QL, D) + fp8(H * (NOPE + ROPE) // n, QL) + fp8(KVL + ROPE, D) + fp8(D, H * V // n)
                  + bf16(H * (NOPE + V) // n, KVL) + bf16(D) * 2 + bf16(QL) + bf16(KVL))  # + input/post norms
     dense = 2 * fp8(I // n, D) + fp8(D, I // n)
-    moe = (bf16(E, D) + 4 * E + 2 * fp8(F // n, D) + fp8(D, F // n)  # router, bias, shared expert
+    moe = (bf16(E, D) + bias * E + 2 * fp8(F // n, D) + fp8(D, F // n)  # router, bias, shared expert
            + E // n * (2 * fp8(F, D) + fp8(D, F)))
     mtp_own = bf16(D) * 3 + bf16(D // n, 2 * D)  # enorm, hnorm, shared_head.norm; eh_proj
     return ((LAYERS + MTP) * attention + DENSE * dense + (MOE + MTP) * moe + 2 * bf16(VOCAB // n, D) + bf16(D)
@@ -58,6 +64,8 @@ def test_one_rank_bf16_and_the_scales_of_a_split_follow_the_slice():
     assert memory_plan(cfg, 1)["weight_bytes_by_kind"]["fp8"] == 0
     by_kind = memory_plan(cfg, 8, fp8_weights=True)["weight_bytes_by_kind"]
     assert by_kind["fp32"] == (MOE + MTP) * 4 * E
+    nothing = lambda *shape: 0  # noqa: E731
+    assert by_kind["scales"] == hand_count(8, scales, nothing, 0)  # the grids of each rank's slices, whole blocks
 
 
 def test_what_does_not_split_is_named_before_anything_loads():

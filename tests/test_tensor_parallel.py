@@ -6,6 +6,7 @@ FP8 weights (scale grids cut with their weights, 128-block boundaries). One proc
 scenario; each rank first computes the one-process reference on a copy of the whole model."""
 import copy
 import datetime
+import os
 
 import torch
 import torch.multiprocessing as mp
@@ -76,7 +77,7 @@ def _worker(rank: int, world: int, init_file: str, queue):
             out = model(ids, mtp=True)
         sizes = {n: tuple(p.shape) for n, p in (*model.named_parameters(), *model.named_buffers())}
         results.append((rel(out.logits, ref.logits), rel(out.mtp_logits[0], ref.mtp_logits[0]), sizes, ref_engine,
-                        _generate(model, tok), _generate(model, tok, spec=1) if not fp8 else ref_engine))
+                        _generate(model, tok), _generate(model, tok, spec=1)))
     queue.put(tuple(results))
     dist.destroy_process_group()
 
@@ -122,3 +123,4 @@ def test_llm_with_tensor_parallel_size_2_generates_what_one_process_does(tmp_pat
         llm.close()
     assert two == one and again == one[:1]
     assert len(workers) == 1 and not workers[0].is_alive() and workers[0].exitcode == 0  # close() ended rank 1
+    assert not os.path.exists(llm._rendezvous)  # and removed the group's file store

@@ -195,7 +195,8 @@ def main():
         # deepseek-v2-lite.
         del model, state
         gc.collect()
-        torch.cuda.empty_cache() if device == "cuda" else None
+        if device == "cuda":
+            torch.cuda.empty_cache()
         model = build(cfg, args, device, dtype)
         results["fp8_weights"] = fp8_weights(model)
         if bw:

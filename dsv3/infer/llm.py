@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import shutil
 import tempfile
 
 import torch
@@ -63,10 +64,10 @@ class LLM:
         if tensor_parallel_size > 1:
             if isinstance(model, Transformer):
                 raise ValueError("tensor_parallel_size > 1 needs a checkpoint directory: every rank loads it")
-            self.tokenizer = Tokenizer.from_dir(tokenizer or model)
-            self._workers, engine = _start_ranks(tensor_parallel_size, str(model), str(tokenizer or model), device,
-                                                 dtype, fp8_weights, config)
-            self.engine = tp.TPEngine(engine)
+            self._workers, self._rendezvous, engine = _start_ranks(tensor_parallel_size, str(model),
+                                                                   str(tokenizer or model), device, dtype,
+                                                                   fp8_weights, config)
+            self.tokenizer, self.engine = engine.tokenizer, tp.TPEngine(engine)
             return
         device = resolve_device(device)
         if isinstance(model, Transformer):
@@ -93,6 +94,7 @@ class LLM:
                 w.join(60)
             self._workers = []
             dist.destroy_process_group()
+            shutil.rmtree(self._rendezvous, ignore_errors=True)
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
@@ -125,14 +127,15 @@ def _follower(rank: int, *args) -> None:
     dist.destroy_process_group()
 
 
-def _start_ranks(n: int, *args) -> tuple[list, Engine]:
+def _start_ranks(n: int, *args) -> tuple[list, str, Engine]:
     """Ranks 1..n-1 as processes of their own (spawned: a fresh interpreter each), then rank 0 here."""
-    init_file = str(Path(tempfile.mkdtemp(prefix="dsv3-tp-")) / "rendezvous")  # must not exist yet
+    # The group's file store: a file that must not exist yet, kept while the group lives (LLM.close removes it).
+    init_file = str(Path(tempfile.mkdtemp(prefix="dsv3-tp-")) / "init")
     ctx = mp.get_context("spawn")
     workers = [ctx.Process(target=_follower, args=(rank, n, init_file, *args), daemon=True) for rank in range(1, n)]
     for w in workers:
         w.start()
-    return workers, _shard(0, n, init_file, *args)
+    return workers, str(Path(init_file).parent), _shard(0, n, init_file, *args)
 
 
 def run_requests(engine: Engine, prompts: list, params: list[SamplingParams], use_tqdm: bool = True,
